@@ -1,0 +1,18 @@
+"""SpeechBrain lobes: Mamba mixers, the Mamba stack and the mask networks built on them."""
+
+from speechbrain_mamba.lobes.dual_path import DualPathModel
+from speechbrain_mamba.lobes.mamba import BiMamba, Mamba, MambaBlock, MambaStack, RMSNorm
+from speechbrain_mamba.lobes.mamba_tasnet import MambaTasNetMaskNet
+from speechbrain_mamba.lobes.norms import SingleGroupNorm, replace_single_group_norms
+
+__all__ = [
+    "BiMamba",
+    "DualPathModel",
+    "Mamba",
+    "MambaBlock",
+    "MambaStack",
+    "MambaTasNetMaskNet",
+    "RMSNorm",
+    "SingleGroupNorm",
+    "replace_single_group_norms",
+]

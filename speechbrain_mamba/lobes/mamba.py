@@ -1,0 +1,355 @@
+"""Mamba mixers and the Mamba stack, as SpeechBrain lobes.
+
+Parameter names and initialisation follow mamba-ssm's ``Mamba`` (Mamba-1) and
+Vision Mamba's "v2" bidirectional layout, so checkpoints of models built on
+those modules (DPMamba, Mamba-TasNet) load into these classes. Every module runs
+on any device: the selective scan picks its backend (see
+:func:`speechbrain_mamba.ops.selective_scan`).
+"""
+
+import math
+from typing import Optional, Tuple
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from speechbrain_mamba.ops import selective_scan
+
+
+def _inverse_softplus(x: torch.Tensor) -> torch.Tensor:
+    return x + torch.log(-torch.expm1(-x))
+
+
+class Mamba(nn.Module):
+    """Unidirectional (causal) Mamba mixer, as mamba-ssm's ``Mamba``.
+
+    ``in_proj`` splits the input into ``x`` and the gate ``z``; ``x`` goes
+    through a causal depthwise convolution, SiLU and the selective scan whose
+    ``dt``, ``B``, ``C`` are projected from it; the gated result goes through
+    ``out_proj``. ``A_log``, ``D`` and the dt bias are used in fp32 under
+    autocast.
+
+    Arguments
+    ---------
+    d_model : int
+        Input and output feature size.
+    d_state : int
+        State size N of the SSM.
+    d_conv : int
+        Kernel size of the depthwise convolution.
+    expand : int
+        Inner size is ``expand * d_model``.
+    dt_rank : int, optional
+        Rank of the dt projection; default ``ceil(d_model / 16)``.
+    dt_min, dt_max : float
+        Range of the initial step sizes (log-uniform).
+    dt_init_floor : float
+        Lower bound of the initial step sizes.
+    conv_bias : bool
+        Bias in the depthwise convolution.
+    bias : bool
+        Bias in ``in_proj`` and ``out_proj``.
+    scan_backend : str, optional
+        Selective-scan backend (default: automatic, see ``selective_scan``).
+
+    Example
+    -------
+    >>> mixer = Mamba(d_model=16)
+    >>> x = torch.randn(2, 50, 16)
+    >>> mixer(x).shape
+    torch.Size([2, 50, 16])
+    """
+
+    def __init__(
+        self,
+        d_model: int,
+        d_state: int = 16,
+        d_conv: int = 4,
+        expand: int = 2,
+        dt_rank: Optional[int] = None,
+        dt_min: float = 0.001,
+        dt_max: float = 0.1,
+        dt_init_floor: float = 1e-4,
+        conv_bias: bool = True,
+        bias: bool = False,
+        scan_backend: Optional[str] = None,
+    ):
+        super().__init__()
+        self.d_model = d_model
+        self.d_state = d_state
+        self.d_conv = d_conv
+        self.d_inner = expand * d_model
+        self.dt_rank = dt_rank or math.ceil(d_model / 16)
+        self.dt_range = (dt_min, dt_max, dt_init_floor)
+        self.conv_bias = conv_bias
+        self.scan_backend = scan_backend
+
+        self.in_proj = nn.Linear(d_model, 2 * self.d_inner, bias=bias)
+        self.out_proj = nn.Linear(self.d_inner, d_model, bias=bias)
+        self._add_direction("")
+
+    def _add_direction(self, suffix: str) -> None:
+        """Creates one direction's conv1d, x_proj, dt_proj, A_log and D (names + suffix)."""
+        inner, rank, state = self.d_inner, self.dt_rank, self.d_state
+        conv = nn.Conv1d(
+            inner, inner, self.d_conv, groups=inner, padding=self.d_conv - 1, bias=self.conv_bias
+        )
+        setattr(self, "conv1d" + suffix, conv)
+        setattr(self, "x_proj" + suffix, nn.Linear(inner, rank + 2 * state, bias=False))
+        setattr(self, "dt_proj" + suffix, nn.Linear(rank, inner, bias=True))
+        # Vision Mamba names the backward state matrix A_b_log (not A_log_b).
+        a_name = "A_log" if not suffix else f"A{suffix}_log"
+        setattr(self, a_name, nn.Parameter(torch.empty(inner, state)))
+        setattr(self, "D" + suffix, nn.Parameter(torch.empty(inner)))
+        self._reset_direction(suffix)
+
+    @torch.no_grad()
+    def _reset_direction(self, suffix: str) -> None:
+        """mamba-ssm's initialisation of one direction's SSM parameters."""
+        dt_min, dt_max, floor = self.dt_range
+        dt_proj = getattr(self, "dt_proj" + suffix)
+        bound = self.dt_rank**-0.5
+        nn.init.uniform_(dt_proj.weight, -bound, bound)
+        dt = torch.exp(
+            torch.rand(self.d_inner) * (math.log(dt_max) - math.log(dt_min)) + math.log(dt_min)
+        ).clamp(min=floor)
+        dt_proj.bias.copy_(_inverse_softplus(dt))
+        dt_proj.bias._no_reinit = True
+        A_log = getattr(self, "A_log" if not suffix else f"A{suffix}_log")
+        A_log.copy_(torch.log(torch.arange(1, self.d_state + 1, dtype=torch.float32)).expand_as(A_log))
+        A_log._no_weight_decay = True
+        D = getattr(self, "D" + suffix)
+        D.fill_(1.0)
+        D._no_weight_decay = True
+
+    def _scan_direction(self, x: torch.Tensor, z: torch.Tensor, suffix: str, reverse: bool) -> torch.Tensor:
+        """One direction: conv, SiLU, projections, scan. ``x``, ``z``: [B, E, L]."""
+        conv = getattr(self, "conv1d" + suffix)
+        x_proj = getattr(self, "x_proj" + suffix)
+        dt_proj = getattr(self, "dt_proj" + suffix)
+        A_log = getattr(self, "A_log" if not suffix else f"A{suffix}_log")
+        D = getattr(self, "D" + suffix)
+
+        # Causal conv: pad on the left. The reverse direction is anti-causal: the
+        # same filter reversed, padded on the right; no activation is flipped.
+        pad = (self.d_conv - 1, 0) if not reverse else (0, self.d_conv - 1)
+        weight = conv.weight.flip(-1) if reverse else conv.weight
+        x = F.silu(F.conv1d(F.pad(x, pad), weight, conv.bias, groups=self.d_inner))
+
+        dt, B, C = torch.split(
+            x_proj(x.transpose(1, 2)), [self.dt_rank, self.d_state, self.d_state], dim=-1
+        )
+        # The dt bias is added in fp32 inside the scan, as mamba-ssm does.
+        dt = F.linear(dt, dt_proj.weight).transpose(1, 2)
+        return selective_scan(
+            x,
+            dt,
+            -torch.exp(A_log.float()),
+            B.transpose(1, 2),
+            C.transpose(1, 2),
+            D=D.float(),
+            z=z,
+            delta_bias=dt_proj.bias.float(),
+            delta_softplus=True,
+            reverse=reverse,
+            backend=self.scan_backend,
+        )
+
+    def _project_in(self, hidden: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        if hidden.dim() != 3 or hidden.shape[-1] != self.d_model:
+            raise ValueError(
+                f"{type(self).__name__} expects [batch, time, {self.d_model}]; "
+                f"got {tuple(hidden.shape)}."
+            )
+        x, z = self.in_proj(hidden).transpose(1, 2).chunk(2, dim=1)
+        return x, z
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        """[batch, time, d_model] -> [batch, time, d_model], causal in time."""
+        x, z = self._project_in(hidden)
+        y = self._scan_direction(x, z, "", reverse=False)
+        return self.out_proj(y.transpose(1, 2))
+
+
+class BiMamba(Mamba):
+    """Bidirectional Mamba, Vision Mamba's "v2" layout (used by DPMamba and Mamba-TasNet).
+
+    ``in_proj`` and ``out_proj`` (hence the gate) are shared; the backward
+    direction has its own ``conv1d_b``, ``x_proj_b``, ``dt_proj_b``, ``A_b_log``
+    and ``D_b`` and runs on the time-reversed sequence (scanned in reverse, not
+    flipped). The two directions are averaged before ``out_proj``.
+
+    Arguments
+    ---------
+    d_model : int
+        Input and output feature size.
+    **kwargs
+        The other arguments of :class:`Mamba`.
+
+    Example
+    -------
+    >>> mixer = BiMamba(d_model=16)
+    >>> x = torch.randn(2, 50, 16)
+    >>> mixer(x).shape
+    torch.Size([2, 50, 16])
+    """
+
+    def __init__(self, d_model: int, **kwargs):
+        super().__init__(d_model, **kwargs)
+        self._add_direction("_b")
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        """[batch, time, d_model] -> [batch, time, d_model], sees the whole sequence."""
+        x, z = self._project_in(hidden)
+        y_forward = self._scan_direction(x, z, "", reverse=False)
+        y_backward = self._scan_direction(x, z, "_b", reverse=True)
+        return self.out_proj((0.5 * (y_forward + y_backward)).transpose(1, 2))
+
+
+class RMSNorm(nn.Module):
+    """Root-mean-square norm over the last dimension, weight only (mamba-ssm's RMSNorm).
+
+    Arguments
+    ---------
+    d_model : int
+        Size of the last dimension.
+    eps : float
+        Added to the mean square.
+
+    Example
+    -------
+    >>> norm = RMSNorm(8)
+    >>> norm(torch.randn(2, 5, 8)).shape
+    torch.Size([2, 5, 8])
+    """
+
+    def __init__(self, d_model: int, eps: float = 1e-5):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(d_model))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Normalises in fp32, returns x's dtype."""
+        x32 = x.float()
+        normed = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return (normed * self.weight.float()).to(x.dtype)
+
+
+class MambaBlock(nn.Module):
+    """Pre-norm residual block: ``residual += hidden``; ``hidden = mixer(norm(residual))``.
+
+    The residual is carried separately between blocks, as mamba-ssm's ``Block``
+    does, so a stack ends with ``norm_f(hidden + residual)``.
+
+    Arguments
+    ---------
+    d_model : int
+        Feature size.
+    bidirectional : bool
+        Use :class:`BiMamba` (True) or causal :class:`Mamba` as the mixer.
+    norm : str
+        ``"rmsnorm"`` or ``"layernorm"``.
+    norm_epsilon : float
+        Epsilon of the norm.
+    **mixer_kwargs
+        Passed to the mixer.
+
+    Example
+    -------
+    >>> block = MambaBlock(16)
+    >>> hidden, residual = block(torch.randn(2, 10, 16))
+    >>> hidden.shape, residual.shape
+    (torch.Size([2, 10, 16]), torch.Size([2, 10, 16]))
+    """
+
+    def __init__(
+        self,
+        d_model: int,
+        bidirectional: bool = True,
+        norm: str = "rmsnorm",
+        norm_epsilon: float = 1e-5,
+        **mixer_kwargs,
+    ):
+        super().__init__()
+        self.norm = _make_norm(norm, d_model, norm_epsilon)
+        self.mixer = (BiMamba if bidirectional else Mamba)(d_model, **mixer_kwargs)
+
+    def forward(
+        self, hidden: torch.Tensor, residual: Optional[torch.Tensor] = None
+    ) -> Tuple[torch.Tensor, torch.Tensor]:
+        """Returns the new (hidden, residual)."""
+        residual = hidden if residual is None else hidden + residual
+        return self.mixer(self.norm(residual)), residual
+
+
+def _make_norm(kind: str, d_model: int, eps: float) -> nn.Module:
+    if kind == "rmsnorm":
+        return RMSNorm(d_model, eps=eps)
+    if kind == "layernorm":
+        return nn.LayerNorm(d_model, eps=eps)
+    raise ValueError(f"norm={kind!r}: expected 'rmsnorm' or 'layernorm'.")
+
+
+class MambaStack(nn.Module):
+    """A stack of pre-norm Mamba blocks and a final norm (Mamba-TasNet's block stack).
+
+    Maps [batch, time, d_model] to the same shape, which makes it a drop-in
+    ``intra_model``/``inter_model`` of SpeechBrain's ``Dual_Path_Model``.
+    State-dict keys are ``layers.{i}.norm.*``, ``layers.{i}.mixer.*`` and
+    ``norm_f.*``. Each block's ``out_proj`` is scaled by ``1/sqrt(num_layers)``
+    at initialisation, as mamba-ssm does for pre-norm residual stacks.
+
+    Arguments
+    ---------
+    d_model : int
+        Feature size.
+    num_layers : int
+        Number of blocks.
+    bidirectional : bool
+        BiMamba (v2) mixers if True, causal Mamba mixers otherwise.
+    norm : str
+        ``"rmsnorm"`` (default) or ``"layernorm"``.
+    norm_epsilon : float
+        Epsilon of the norms.
+    **mixer_kwargs
+        Passed to every mixer (``d_state``, ``d_conv``, ``expand``, ``scan_backend``...).
+
+    Example
+    -------
+    >>> from speechbrain.lobes.models.dual_path import Dual_Path_Model
+    >>> masknet = Dual_Path_Model(
+    ...     16, 16, MambaStack(16), MambaStack(16), num_layers=2, K=10,
+    ...     linear_layer_after_inter_intra=False,
+    ... )
+    >>> masknet(torch.randn(3, 16, 40)).shape
+    torch.Size([2, 3, 16, 40])
+    """
+
+    def __init__(
+        self,
+        d_model: int,
+        num_layers: int = 1,
+        bidirectional: bool = True,
+        norm: str = "rmsnorm",
+        norm_epsilon: float = 1e-5,
+        **mixer_kwargs,
+    ):
+        super().__init__()
+        if num_layers < 1:
+            raise ValueError(f"MambaStack needs num_layers >= 1; got {num_layers}.")
+        self.layers = nn.ModuleList(
+            MambaBlock(d_model, bidirectional, norm, norm_epsilon, **mixer_kwargs)
+            for _ in range(num_layers)
+        )
+        self.norm_f = _make_norm(norm, d_model, norm_epsilon)
+        with torch.no_grad():
+            for layer in self.layers:
+                layer.mixer.out_proj.weight /= math.sqrt(num_layers)
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        """[batch, time, d_model] -> [batch, time, d_model]."""
+        residual = None
+        for layer in self.layers:
+            hidden, residual = layer(hidden, residual)
+        return self.norm_f(hidden + residual)
