@@ -31,6 +31,7 @@ class DualPathModel(Dual_Path_Model):
 
     Example
     -------
+    >>> import torch
     >>> from speechbrain_mamba.lobes import MambaStack
     >>> masknet = DualPathModel(
     ...     16, 16, MambaStack(16), MambaStack(16), num_layers=2, K=10,

@@ -1,0 +1,38 @@
+"""speechbrain-mamba: Mamba state-space models for speech separation in SpeechBrain."""
+
+import re
+from pathlib import Path
+
+from setuptools import find_packages, setup
+
+HERE = Path(__file__).parent
+VERSION = re.search(r'__version__ = "([^"]+)"', (HERE / "speechbrain_mamba" / "__init__.py").read_text()).group(1)
+
+setup(
+    name="speechbrain-mamba",
+    version=VERSION,
+    description="Mamba, BiMamba, DPMamba, Mamba-TasNet and SepMamba for speech separation in SpeechBrain",
+    long_description=(HERE / "README.md").read_text(),
+    long_description_content_type="text/markdown",
+    license="Apache-2.0",
+    packages=find_packages(include=["speechbrain_mamba", "speechbrain_mamba.*"]),
+    python_requires=">=3.9",
+    install_requires=[
+        "speechbrain>=1.1.2",
+        "torch>=2.1",
+        "torchaudio",
+        "hyperpyyaml",
+        "soundfile",
+    ],
+    extras_require={
+        # Optional CUDA fast path; source-only on PyPI, builds against the installed torch.
+        "mamba-ssm": ["mamba-ssm>=2.2", "causal-conv1d>=1.4"],
+        "eval": ["fast_bss_eval>=0.1.3", "mir_eval>=0.7"],
+        "dev": ["pytest>=7", "fast_bss_eval>=0.1.3", "mir_eval>=0.7"],
+    },
+    classifiers=[
+        "Programming Language :: Python :: 3",
+        "License :: OSI Approved :: Apache Software License",
+        "Topic :: Multimedia :: Sound/Audio :: Speech",
+    ],
+)

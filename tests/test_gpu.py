@@ -1,0 +1,49 @@
+"""GPU behaviour: skipped without CUDA; run on the GPU machine before claiming GPU support."""
+
+import pytest
+import torch
+
+from speechbrain_mamba.lobes import BiMamba, SingleGroupNorm
+from speechbrain_mamba.ops import resolve_backend
+from speechbrain_mamba.ops.scan_mamba_ssm import load_mamba_ssm_scan
+from test_selective_scan import CASES, assert_close, make_inputs, run_scan
+
+pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
+GPU_BACKENDS = ["torch"] + (["mamba_ssm"] if torch.cuda.is_available() and load_mamba_ssm_scan() else [])
+
+
+@pytest.mark.parametrize("backend", GPU_BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("case", CASES, ids=lambda c: f"b{c[0]}e{c[1]}n{c[2]}L{c[3]}g{c[4]}rev{c[9]:d}")
+def test_gpu_backend_matches_reference(backend, dtype, case):
+    batch, channels, state, length, groups, with_D, with_z, with_bias, with_initial, reverse = case
+    if backend == "mamba_ssm" and with_initial:
+        pytest.skip("mamba-ssm's kernel takes no initial state")
+    inputs = make_inputs(batch, channels, state, length, groups, dtype=dtype, device="cuda", with_D=with_D,
+                         with_z=with_z, with_bias=with_bias, with_initial=with_initial)
+    y_ref, last_ref, grads_ref = run_scan(inputs, "reference", reverse)
+    y, last, grads = run_scan(inputs, backend, reverse)
+    assert y.dtype == dtype
+    assert_close(y, y_ref, dtype, "output")
+    assert_close(last, last_ref, torch.float32, "last state")
+    for name in grads:
+        assert_close(grads[name], grads_ref[name], dtype, f"grad {name}")
+
+
+def test_auto_backend_on_cuda():
+    expected = "mamba_ssm" if load_mamba_ssm_scan() else "torch"
+    assert resolve_backend(torch.zeros(1, device="cuda")) == expected
+
+
+def test_bimamba_on_gpu_matches_cpu():
+    mixer = BiMamba(32)
+    x = torch.randn(2, 100, 32)
+    expected = mixer(x)
+    torch.testing.assert_close(mixer.cuda()(x.cuda()).cpu(), expected, rtol=1e-4, atol=1e-4)
+
+
+def test_single_group_norm_on_gpu_matches_group_norm():
+    reference = torch.nn.GroupNorm(1, 64, eps=1e-8).cuda()
+    fast = SingleGroupNorm(64, eps=1e-8).cuda()
+    x = torch.randn(1, 64, 250, 130, device="cuda") * 2 + 0.5
+    torch.testing.assert_close(fast(x), reference(x), rtol=1e-4, atol=1e-4)

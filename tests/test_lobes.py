@@ -1,0 +1,186 @@
+"""Mamba, BiMamba, the Mamba stack and the fast norm against independent oracles."""
+
+import pytest
+import torch
+from speechbrain.lobes.models.dual_path import Dual_Path_Model
+
+from speechbrain_mamba.lobes import BiMamba, DualPathModel, Mamba, MambaStack, RMSNorm, SingleGroupNorm
+from speechbrain_mamba.lobes import mamba as mamba_module
+
+DIRECTION_PARAMS = ["conv1d.weight", "conv1d.bias", "x_proj.weight", "dt_proj.weight", "dt_proj.bias", "A_log", "D"]
+
+
+def backward_name(name: str) -> str:
+    """Vision Mamba v2 names of the backward direction's parameters."""
+    return "A_b_log" if name == "A_log" else name.replace(".", "_b.", 1) if "." in name else name + "_b"
+
+
+def unidirectional_copy(bimamba: BiMamba, direction: str) -> Mamba:
+    """A causal Mamba that holds the shared projections and one direction of ``bimamba``."""
+    mamba = Mamba(bimamba.d_model)
+    state = {k: v for k, v in bimamba.state_dict().items() if k.startswith(("in_proj", "out_proj"))}
+    for name in DIRECTION_PARAMS:
+        state[name] = bimamba.state_dict()[name if direction == "forward" else backward_name(name)]
+    mamba.load_state_dict(state)
+    return mamba
+
+
+@pytest.mark.parametrize("length", [1, 7, 64])
+def test_bimamba_is_forward_plus_backward_on_reversed_sequence(length):
+    bimamba = BiMamba(16)
+    x = torch.randn(3, length, 16)
+    forward = unidirectional_copy(bimamba, "forward")
+    backward = unidirectional_copy(bimamba, "backward")
+    # out_proj is linear without bias, so averaging before or after it is the same.
+    expected = 0.5 * (forward(x) + backward(x.flip(1)).flip(1))
+    torch.testing.assert_close(bimamba(x), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_bimamba_backward_direction_is_used():
+    """The trap of Vision Mamba's slow path: the future must influence the past."""
+    bimamba = BiMamba(16)
+    x = torch.randn(1, 30, 16)
+    y = bimamba(x)
+    x_changed = x.clone()
+    x_changed[:, 20:] += 1.0
+    assert not torch.allclose(bimamba(x_changed)[:, :20], y[:, :20])
+
+
+def test_mamba_is_causal():
+    mamba = MambaStack(16, num_layers=2, bidirectional=False)
+    x = torch.randn(2, 40, 16)
+    x_changed = x.clone()
+    x_changed[:, 25:] = torch.randn(2, 15, 16)
+    y, y_changed = mamba(x), mamba(x_changed)
+    torch.testing.assert_close(y_changed[:, :25], y[:, :25], rtol=0, atol=1e-6)
+    assert not torch.allclose(y_changed[:, 25:], y[:, 25:])
+
+
+def test_mamba_matches_mamba_ssm_formula_with_loop_reference():
+    """Mamba.forward equals the mamba-ssm forward written out with the loop scan."""
+    mamba = Mamba(8, scan_backend="torch")
+    x = torch.randn(2, 12, 8)
+    xz = mamba.in_proj(x).transpose(1, 2)
+    u, z = xz.chunk(2, dim=1)
+    u = torch.nn.functional.silu(mamba.conv1d(u)[..., :12])
+    dt, B, C = torch.split(mamba.x_proj(u.transpose(1, 2)), [mamba.dt_rank, 16, 16], dim=-1)
+    dt = torch.nn.functional.softplus(mamba.dt_proj(dt)).transpose(1, 2)
+    A = -torch.exp(mamba.A_log)
+    h = torch.zeros(2, 16, 16)
+    ys = []
+    for t in range(12):
+        h = torch.exp(dt[:, :, t, None] * A) * h + (dt[:, :, t] * u[:, :, t])[..., None] * B[:, None, t]
+        ys.append((h * C[:, None, t]).sum(-1) + mamba.D * u[:, :, t])
+    y = torch.stack(ys, -1) * torch.nn.functional.silu(z)
+    torch.testing.assert_close(mamba(x), mamba.out_proj(y.transpose(1, 2)), rtol=1e-5, atol=1e-5)
+
+
+def test_mamba_ssm_initialisation():
+    mixer = BiMamba(64)  # d_inner 128, dt_rank 4
+    assert mixer.dt_rank == 4 and mixer.d_inner == 128
+    for suffix in ("", "_b"):
+        dt = torch.nn.functional.softplus(getattr(mixer, "dt_proj" + suffix).bias)
+        assert dt.min() >= 1e-3 * (1 - 1e-4) and dt.max() <= 0.1 * (1 + 1e-4)
+        bound = mixer.dt_rank**-0.5
+        assert getattr(mixer, "dt_proj" + suffix).weight.abs().max() <= bound
+        A_log = getattr(mixer, "A_log" if not suffix else "A_b_log")
+        torch.testing.assert_close(A_log, torch.log(torch.arange(1.0, 17.0)).expand(128, 16))
+        assert torch.equal(getattr(mixer, "D" + suffix), torch.ones(128))
+        assert getattr(mixer, "dt_proj" + suffix).bias._no_reinit
+        assert A_log._no_weight_decay
+
+
+def test_stack_rescales_out_proj_by_depth():
+    torch.manual_seed(1)
+    one = MambaStack(32, num_layers=1).layers[0].mixer.out_proj.weight
+    torch.manual_seed(1)
+    four = MambaStack(32, num_layers=4).layers[0].mixer.out_proj.weight
+    torch.testing.assert_close(four, one / 2)
+
+
+def test_stack_with_one_block_is_norm_f_of_input_plus_mixer():
+    stack = MambaStack(16, num_layers=1)
+    with torch.no_grad():
+        stack.layers[0].norm.weight.uniform_(0.5, 1.5)
+        stack.norm_f.weight.uniform_(0.5, 1.5)
+    x = torch.randn(2, 9, 16)
+    block = stack.layers[0]
+    torch.testing.assert_close(stack(x), stack.norm_f(x + block.mixer(block.norm(x))))
+
+
+def test_stack_state_dict_keys():
+    keys = set(MambaStack(16, num_layers=2).state_dict())
+    for i in range(2):
+        assert f"layers.{i}.norm.weight" in keys
+        for name in ["in_proj.weight", "out_proj.weight", *DIRECTION_PARAMS, *map(backward_name, DIRECTION_PARAMS)]:
+            assert f"layers.{i}.mixer.{name}" in keys, name
+    assert "norm_f.weight" in keys
+
+
+def test_rms_norm_matches_definition():
+    norm = RMSNorm(8, eps=1e-5)
+    with torch.no_grad():
+        norm.weight.uniform_()
+    x = torch.randn(3, 4, 8)
+    expected = x / torch.sqrt((x**2).mean(-1, keepdim=True) + 1e-5) * norm.weight
+    torch.testing.assert_close(norm(x), expected)
+
+
+def test_ssm_parameters_stay_fp32_under_autocast(monkeypatch):
+    captured = {}
+    real_scan = mamba_module.selective_scan
+
+    def spy(u, delta, A, B, C, D=None, z=None, delta_bias=None, **kwargs):
+        captured.update(A=A.dtype, D=D.dtype, delta_bias=delta_bias.dtype, u=u.dtype)
+        return real_scan(u, delta, A, B, C, D=D, z=z, delta_bias=delta_bias, **kwargs)
+
+    monkeypatch.setattr(mamba_module, "selective_scan", spy)
+    mixer = BiMamba(16)
+    x = torch.randn(2, 10, 16)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = mixer(x)
+    assert captured == {"A": torch.float32, "D": torch.float32, "delta_bias": torch.float32, "u": torch.bfloat16}
+    assert y.dtype == torch.bfloat16
+    torch.testing.assert_close(y.float(), mixer(x), rtol=0.05, atol=0.05)
+
+
+@pytest.mark.parametrize("shape", [(2, 8, 50), (1, 8, 10, 7), (3, 8, 1)])
+def test_single_group_norm_matches_group_norm(shape):
+    reference = torch.nn.GroupNorm(1, 8, eps=1e-8)
+    with torch.no_grad():
+        reference.weight.uniform_(0.5, 1.5)
+        reference.bias.uniform_(-0.5, 0.5)
+    fast = SingleGroupNorm(8, eps=1e-8)
+    fast.load_state_dict(reference.state_dict())
+    x = (3 * torch.randn(*shape) + 1).requires_grad_()
+    x_ref = x.detach().clone().requires_grad_()
+    y, y_ref = fast(x), reference(x_ref)
+    torch.testing.assert_close(y, y_ref, rtol=1e-5, atol=1e-5)
+    grad = torch.randn_like(y)
+    y.backward(grad)
+    y_ref.backward(grad)
+    torch.testing.assert_close(x.grad, x_ref.grad, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(fast.weight.grad, reference.weight.grad, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(fast.bias.grad, reference.bias.grad, rtol=1e-4, atol=1e-4)
+
+
+def test_dual_path_model_with_fast_norm_equals_stock_model():
+    kwargs = dict(num_layers=2, K=10, skip_around_intra=True, linear_layer_after_inter_intra=False)
+    torch.manual_seed(3)
+    stock = Dual_Path_Model(16, 16, MambaStack(16), MambaStack(16), **kwargs)
+    ours = DualPathModel(16, 16, MambaStack(16), MambaStack(16), **kwargs)
+    assert not any(isinstance(m, torch.nn.GroupNorm) for m in ours.modules())
+    ours.load_state_dict(stock.state_dict())  # strict: same keys and shapes
+    x = torch.randn(2, 16, 45)
+    torch.testing.assert_close(ours(x), stock(x), rtol=1e-4, atol=1e-5)
+
+
+def test_dual_path_model_refuses_shared_intra_inter_instance():
+    block = MambaStack(16)
+    with pytest.raises(ValueError, match="separate instances"):
+        DualPathModel(16, 16, block, block)
+
+
+def test_mixer_rejects_wrong_feature_size():
+    with pytest.raises(ValueError, match=r"expects \[batch, time, 16\]"):
+        Mamba(16)(torch.randn(2, 10, 8))
