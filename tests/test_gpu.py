@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from speechbrain_mamba.lobes import BiMamba, SingleGroupNorm
-from speechbrain_mamba.ops import resolve_backend
+from speechbrain_mamba.ops import resolve_backend, selective_scan
 from speechbrain_mamba.ops.scan_mamba_ssm import load_mamba_ssm_scan
 from test_selective_scan import CASES, assert_close, make_inputs, run_scan
 
@@ -21,13 +21,22 @@ def test_gpu_backend_matches_reference(backend, dtype, case):
         pytest.skip("mamba-ssm's kernel takes no initial state")
     inputs = make_inputs(batch, channels, state, length, groups, dtype=dtype, device="cuda", with_D=with_D,
                          with_z=with_z, with_bias=with_bias, with_initial=with_initial)
-    y_ref, last_ref, grads_ref = run_scan(inputs, "reference", reverse)
-    y, last, grads = run_scan(inputs, backend, reverse)
+    # mamba-ssm's kernel returns its last state without a gradient.
+    state_in_loss = backend != "mamba_ssm"
+    y_ref, last_ref, grads_ref = run_scan(inputs, "reference", reverse, state_in_loss)
+    y, last, grads = run_scan(inputs, backend, reverse, state_in_loss)
     assert y.dtype == dtype
     assert_close(y, y_ref, dtype, "output")
     assert_close(last, last_ref, torch.float32, "last state")
     for name in grads:
         assert_close(grads[name], grads_ref[name], dtype, f"grad {name}")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available() or not load_mamba_ssm_scan(), reason="needs mamba-ssm")
+def test_mamba_ssm_last_state_has_no_gradient():
+    inputs = make_inputs(1, 4, 4, 16, device="cuda")
+    _, last = selective_scan(**inputs, delta_softplus=True, return_last_state=True, backend="mamba_ssm")
+    assert not last.requires_grad
 
 
 def test_auto_backend_on_cuda():

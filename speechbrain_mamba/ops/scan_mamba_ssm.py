@@ -35,7 +35,10 @@ def selective_scan_mamba_ssm(
     initial_state: Optional[torch.Tensor] = None,
     reverse: bool = False,
 ) -> Tuple[torch.Tensor, torch.Tensor]:
-    """Calls mamba-ssm's kernel; a reverse scan runs on time-flipped copies."""
+    """Calls mamba-ssm's kernel; a reverse scan runs on time-flipped copies.
+
+    The last state comes back detached: mamba-ssm propagates no gradient through it.
+    """
     scan_fn = load_mamba_ssm_scan()
     if scan_fn is None:
         raise RuntimeError(
@@ -53,4 +56,6 @@ def selective_scan_mamba_ssm(
         u, delta, A, B.contiguous(), C.contiguous(), D, z, delta_bias, delta_softplus,
         return_last_state=True,
     )
-    return (y.flip(-1) if reverse else y), last_state
+    # The kernel's backward ignores the returned state: detach it so that a loss on
+    # it fails loudly instead of receiving a silently wrong gradient.
+    return (y.flip(-1) if reverse else y), last_state.detach()
