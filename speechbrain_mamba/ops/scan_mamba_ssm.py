@@ -23,17 +23,7 @@ def load_mamba_ssm_scan() -> Optional[Callable]:
 
 
 def selective_scan_mamba_ssm(
-    u: torch.Tensor,
-    delta: torch.Tensor,
-    A: torch.Tensor,
-    B: torch.Tensor,
-    C: torch.Tensor,
-    D: Optional[torch.Tensor] = None,
-    z: Optional[torch.Tensor] = None,
-    delta_bias: Optional[torch.Tensor] = None,
-    delta_softplus: bool = False,
-    initial_state: Optional[torch.Tensor] = None,
-    reverse: bool = False,
+    u, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_state, reverse
 ) -> Tuple[torch.Tensor, torch.Tensor]:
     """Calls mamba-ssm's kernel; a reverse scan runs on time-flipped copies.
 

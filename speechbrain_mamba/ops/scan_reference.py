@@ -5,24 +5,14 @@ fp32, and lets autograd differentiate the loop. It is slow (one Python step per
 frame) and keeps every step in the autograd graph; use it for tests only.
 """
 
-from typing import Optional, Tuple
+from typing import Tuple
 
 import torch
 import torch.nn.functional as F
 
 
 def selective_scan_reference(
-    u: torch.Tensor,
-    delta: torch.Tensor,
-    A: torch.Tensor,
-    B: torch.Tensor,
-    C: torch.Tensor,
-    D: Optional[torch.Tensor] = None,
-    z: Optional[torch.Tensor] = None,
-    delta_bias: Optional[torch.Tensor] = None,
-    delta_softplus: bool = False,
-    initial_state: Optional[torch.Tensor] = None,
-    reverse: bool = False,
+    u, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_state, reverse
 ) -> Tuple[torch.Tensor, torch.Tensor]:
     """Loop implementation of :func:`speechbrain_mamba.ops.selective_scan`.
 

@@ -128,17 +128,7 @@ class LinearScan(torch.autograd.Function):
 
 
 def selective_scan_torch(
-    u: torch.Tensor,
-    delta: torch.Tensor,
-    A: torch.Tensor,
-    B: torch.Tensor,
-    C: torch.Tensor,
-    D: Optional[torch.Tensor] = None,
-    z: Optional[torch.Tensor] = None,
-    delta_bias: Optional[torch.Tensor] = None,
-    delta_softplus: bool = False,
-    initial_state: Optional[torch.Tensor] = None,
-    reverse: bool = False,
+    u, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_state, reverse
 ) -> Tuple[torch.Tensor, torch.Tensor]:
     """Chunked PyTorch implementation of :func:`speechbrain_mamba.ops.selective_scan`.
 
