@@ -16,6 +16,8 @@ setup(
     long_description_content_type="text/markdown",
     license="Apache-2.0",
     packages=find_packages(include=["speechbrain_mamba", "speechbrain_mamba.*"]),
+    # The embedded demo corpus (speechbrain_mamba/data/demo_speech/README.md: provenance, licences).
+    package_data={"speechbrain_mamba": ["data/demo_speech/*.md", "data/demo_speech/*.tsv", "data/demo_speech/*/*.flac"]},
     python_requires=">=3.9",
     install_requires=[
         "speechbrain>=1.1.2",
@@ -23,12 +25,13 @@ setup(
         "torchaudio",
         "hyperpyyaml",
         "soundfile",
+        "fast_bss_eval>=0.1.3",
     ],
     extras_require={
         # Optional CUDA fast path; source-only on PyPI, builds against the installed torch.
         "mamba-ssm": ["mamba-ssm>=2.2", "causal-conv1d>=1.4"],
-        "eval": ["fast_bss_eval>=0.1.3", "mir_eval>=0.7"],
-        "dev": ["pytest>=7", "fast_bss_eval>=0.1.3", "mir_eval>=0.7"],
+        "eval": ["mir_eval>=0.7"],
+        "dev": ["pytest>=7", "mir_eval>=0.7"],
     },
     classifiers=[
         "Programming Language :: Python :: 3",

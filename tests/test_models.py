@@ -47,6 +47,12 @@ def test_parameter_count(name):
     assert count(load_model_hparams(name)) == EXPECTED_PARAMS[name]
 
 
+@pytest.mark.parametrize("name, millions", [("sepformer", 25.68), ("dprnn", 14.62)])
+def test_baseline_parameter_counts(name, millions):
+    """models.md: SpeechBrain's Sepformer 25.68M, DPRNN 14.62M."""
+    assert round(count(load_model_hparams(name)) / 1e6, 2) == millions
+
+
 def test_mamba_tasnet_counts_round_to_the_paper():
     rounded = {k: round(v / 1e6, 1) for k, v in EXPECTED_PARAMS.items() if k.startswith("mamba_tasnet")}
     # L comes to 58.95M with the spec of models.md (N=512, 32 blocks); the paper prints 59.6M.

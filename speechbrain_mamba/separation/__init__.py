@@ -1,0 +1,1 @@
+"""Speech separation: data preparation, training and inference helpers."""

@@ -1,0 +1,192 @@
+"""The one separation Brain shared by every recipe."""
+
+import csv
+import logging
+from pathlib import Path
+from typing import Dict, List
+
+import torch
+import torch.distributed as dist
+import speechbrain as sb
+from speechbrain.nnet.losses import get_si_snr_with_pitwrapper
+
+from speechbrain_mamba.separation.metrics import separation_scores
+from speechbrain_mamba.separation.separator import separate_mixture
+
+logger = logging.getLogger(__name__)
+RESULT_COLUMNS = ["snt_id", "sdr", "sdr_i", "si-snr", "si-snr_i"]
+
+
+class Separation(sb.Brain):
+    """Trains and evaluates a separation model with the PIT SI-SNR loss.
+
+    Works with masking models (``encoder``/``masknet``/``decoder`` modules) and
+    direct waveform models (a ``model`` module), always called through
+    ``self.modules`` so that DDP synchronises their gradients. Batches are
+    ``PaddedBatch`` objects with ``mixture`` [B, T] and ``sources`` [B, T, S].
+
+    Training: per-item negative SI-SNR with the best permutation; items already
+    better than ``-loss_threshold`` dB, and non-finite items, are dropped from
+    the mean and counted. A batch left empty is skipped, and under DDP the
+    decision is shared, so either every rank steps or none does (no rank waits
+    for a backward that never comes). The optional ``lr_step_scheduler``
+    (per optimizer step) and ``lr_epoch_scheduler`` (per epoch, on the
+    validation loss) set the learning rate; gradient clipping is Brain's
+    ``max_grad_norm``. Test: writes ``test_results.csv`` (SDR, SDRi, SI-SNR,
+    SI-SNRi per utterance and their average) into the output folder.
+
+    Hyperparameters read: ``num_spks``, ``loss_threshold`` (optional),
+    ``training_signal_len`` (optional), ``epoch_counter``, ``checkpointer``,
+    ``train_logger``, ``output_folder``, ``save_audio`` (optional),
+    ``lr_step_scheduler``/``lr_epoch_scheduler`` (optional).
+
+    Arguments
+    ---------
+    See ``speechbrain.Brain``; additionally ``train_dataset`` may be set after
+    construction to a dataset with ``set_epoch`` (dynamic mixing).
+
+    Example
+    -------
+    >>> from speechbrain.dataio.batch import PaddedBatch
+    >>> from speechbrain.lobes.models.dual_path import Decoder, Encoder
+    >>> from speechbrain_mamba.lobes import MambaTasNetMaskNet
+    >>> modules = {"encoder": Encoder(16, 8), "masknet": MambaTasNetMaskNet(8, 1),
+    ...            "decoder": Decoder(8, 1, 16, stride=8, bias=False)}
+    >>> brain = Separation(modules, lambda p: torch.optim.Adam(p), {"num_spks": 2})
+    >>> batch = PaddedBatch([{"id": "a", "mixture": torch.randn(800), "sources": torch.randn(800, 2)}])
+    >>> brain.compute_forward(batch.mixture.data).shape
+    torch.Size([1, 800, 2])
+    """
+
+    train_dataset = None
+
+    def compute_forward(self, mixture: torch.Tensor) -> torch.Tensor:
+        """[B, T] mixture -> [B, T, num_spks] estimates, in fp32."""
+        return separate_mixture(self.modules, mixture, self.hparams.num_spks).float()
+
+    def compute_objectives(self, estimates: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """Per-item negative SI-SNR under the best permutation: [B]."""
+        return get_si_snr_with_pitwrapper(targets, estimates).reshape(-1)
+
+    def _mixture_and_sources(self, batch, stage):
+        mixture = batch.mixture.data.to(self.device)
+        sources = batch.sources.data.to(self.device)
+        max_len = getattr(self.hparams, "training_signal_len", None)
+        if stage == sb.Stage.TRAIN and max_len and mixture.shape[-1] > max_len:
+            start = torch.randint(0, mixture.shape[-1] - max_len + 1, (1,)).item()
+            mixture, sources = mixture[:, start : start + max_len], sources[:, start : start + max_len]
+        return mixture, sources
+
+    def fit_batch(self, batch):
+        """One training step, robust to non-finite and already-solved items (see class doc)."""
+        mixture, sources = self._mixture_and_sources(batch, sb.Stage.TRAIN)
+        should_step = self.step % self.grad_accumulation_factor == 0
+        with self.no_sync(not should_step):
+            with self.training_ctx:
+                estimates = self.compute_forward(mixture)
+            item_losses = self.compute_objectives(estimates, sources)
+            keep = torch.isfinite(item_losses)
+            self.nonfinite_items += int((~keep).sum())
+            threshold = getattr(self.hparams, "loss_threshold", None)
+            if threshold is not None:
+                solved = keep & (item_losses < threshold)
+                self.solved_items += int(solved.sum())
+                keep &= ~solved
+            if self._any_rank(not bool(keep.any())):
+                self.skipped_batches += 1
+                self.zero_grad()
+                return torch.tensor(float("nan"))
+            loss = item_losses[keep].mean()
+            self.scaler.scale(loss / self.grad_accumulation_factor).backward()
+        if should_step:
+            step_scheduler = getattr(self.hparams, "lr_step_scheduler", None)
+            if step_scheduler is not None:
+                step_scheduler(self.optimizer)
+            self.optimizers_step()
+        return loss.detach().cpu()
+
+    def _any_rank(self, flag: bool) -> bool:
+        """True if ``flag`` is True on any DDP rank (just ``flag`` without DDP)."""
+        if not (dist.is_available() and dist.is_initialized()):
+            return flag
+        shared = torch.tensor(float(flag), device=self.device)
+        dist.all_reduce(shared, op=dist.ReduceOp.MAX)
+        return bool(shared.item())
+
+    def evaluate_batch(self, batch, stage):
+        """Validation: mean loss. Test: also the metrics of every utterance."""
+        mixture, sources = self._mixture_and_sources(batch, stage)
+        with torch.no_grad(), self.evaluation_ctx:
+            estimates = self.compute_forward(mixture)
+        item_losses = self.compute_objectives(estimates, sources)
+        if stage == sb.Stage.TEST:
+            lengths = (batch.mixture.lengths * mixture.shape[-1]).round().long()
+            for i, snt_id in enumerate(batch.id):
+                n = int(lengths[i])
+                scores = separation_scores(mixture[i, :n].cpu(), sources[i, :n].cpu(), estimates[i, :n].cpu())
+                self.test_rows.append({"snt_id": snt_id, **scores})
+                if getattr(self.hparams, "save_audio", False):
+                    self._save_audio(snt_id, mixture[i, :n], estimates[i, :n])
+        finite = item_losses[torch.isfinite(item_losses)]
+        return (finite.mean() if finite.numel() else torch.tensor(float("nan"))).detach().cpu()
+
+    def on_stage_start(self, stage, epoch=None):
+        if stage == sb.Stage.TRAIN:
+            self.nonfinite_items = self.solved_items = self.skipped_batches = 0
+            if self.train_dataset is not None and hasattr(self.train_dataset, "set_epoch"):
+                self.train_dataset.set_epoch(epoch)
+        if stage == sb.Stage.TEST:
+            self.test_rows: List[Dict[str, float]] = []
+
+    def on_stage_end(self, stage, stage_loss, epoch=None):
+        stats = {"si-snr": stage_loss}
+        if stage == sb.Stage.TRAIN:
+            self.train_stats = {
+                **stats,
+                "skipped_batches": self.skipped_batches,
+                "nonfinite_items": self.nonfinite_items,
+                "solved_items": self.solved_items,
+            }
+            if self.nonfinite_items:
+                logger.warning(f"epoch {epoch}: {self.nonfinite_items} items had a non-finite loss and were skipped")
+        elif stage == sb.Stage.VALID:
+            lr = self.optimizer.param_groups[0]["lr"]
+            epoch_scheduler = getattr(self.hparams, "lr_epoch_scheduler", None)
+            if epoch_scheduler is not None:
+                _, lr = epoch_scheduler([self.optimizer], epoch, stage_loss)
+                sb.nnet.schedulers.update_learning_rate(self.optimizer, lr)
+            self.hparams.train_logger.log_stats(
+                stats_meta={"epoch": epoch, "lr": lr}, train_stats=self.train_stats, valid_stats=stats
+            )
+            self.checkpointer.save_and_keep_only(meta={"si-snr": stage_loss}, min_keys=["si-snr"])
+        else:
+            self._write_test_results()
+
+    def _write_test_results(self) -> None:
+        """test_results.csv: one row per utterance and an ``avg`` row, as SpeechBrain's recipes."""
+        if not self.test_rows:
+            return
+        means = {k: sum(row[k] for row in self.test_rows) / len(self.test_rows) for k in RESULT_COLUMNS[1:]}
+        path = Path(self.hparams.output_folder) / "test_results.csv"
+        with open(path, "w", newline="") as handle:
+            writer = csv.DictWriter(handle, fieldnames=RESULT_COLUMNS)
+            writer.writeheader()
+            writer.writerows(self.test_rows)
+            writer.writerow({"snt_id": "avg", **means})
+        summary = ", ".join(f"{k} {v:.2f} dB" for k, v in means.items())
+        self.hparams.train_logger.log_stats(
+            stats_meta={"Epoch loaded": self.hparams.epoch_counter.current},
+            test_stats={k.replace("-", "_"): round(v, 2) for k, v in means.items()},
+        )
+        logger.info(f"Test on {len(self.test_rows)} mixtures: {summary} (per utterance: {path})")
+
+    def _save_audio(self, snt_id: str, mixture: torch.Tensor, estimates: torch.Tensor) -> None:
+        import soundfile  # audio is written with soundfile: torchaudio.save needs torchcodec
+
+        folder = Path(self.hparams.output_folder) / "audio_results"
+        folder.mkdir(parents=True, exist_ok=True)
+        peak = max(estimates.abs().max().item(), 1e-8)
+        rate = getattr(self.hparams, "sample_rate", 8000)
+        for i in range(estimates.shape[-1]):
+            soundfile.write(folder / f"{snt_id}_source{i + 1}hat.wav", (estimates[:, i] / peak * 0.9).cpu().numpy(), rate)
+        soundfile.write(folder / f"{snt_id}_mix.wav", mixture.cpu().numpy(), rate)
