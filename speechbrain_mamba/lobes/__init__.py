@@ -4,15 +4,18 @@ from speechbrain_mamba.lobes.dual_path import DualPathModel
 from speechbrain_mamba.lobes.mamba import BiMamba, Mamba, MambaBlock, MambaStack, RMSNorm
 from speechbrain_mamba.lobes.mamba_tasnet import MambaTasNetMaskNet
 from speechbrain_mamba.lobes.norms import SingleGroupNorm, replace_single_group_norms
+from speechbrain_mamba.lobes.sepmamba import BidirectionalMambaStack, SepMamba
 
 __all__ = [
     "BiMamba",
+    "BidirectionalMambaStack",
     "DualPathModel",
     "Mamba",
     "MambaBlock",
     "MambaStack",
     "MambaTasNetMaskNet",
     "RMSNorm",
+    "SepMamba",
     "SingleGroupNorm",
     "replace_single_group_norms",
 ]

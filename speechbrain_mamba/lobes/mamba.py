@@ -52,6 +52,9 @@ class Mamba(nn.Module):
         Bias in ``in_proj`` and ``out_proj``.
     scan_backend : str, optional
         Selective-scan backend (default: automatic, see ``selective_scan``).
+    reverse : bool
+        Run anti-causally (last frame first): the same as flipping the
+        sequence in time before and after, without copying it.
 
     Example
     -------
@@ -74,6 +77,7 @@ class Mamba(nn.Module):
         conv_bias: bool = True,
         bias: bool = False,
         scan_backend: Optional[str] = None,
+        reverse: bool = False,
     ):
         super().__init__()
         self.d_model = d_model
@@ -84,6 +88,7 @@ class Mamba(nn.Module):
         self.dt_range = (dt_min, dt_max, dt_init_floor)
         self.conv_bias = conv_bias
         self.scan_backend = scan_backend
+        self.reverse = reverse
 
         self.in_proj = nn.Linear(d_model, 2 * self.d_inner, bias=bias)
         self.out_proj = nn.Linear(self.d_inner, d_model, bias=bias)
@@ -166,9 +171,9 @@ class Mamba(nn.Module):
         return x, z
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
-        """[batch, time, d_model] -> [batch, time, d_model], causal in time."""
+        """[batch, time, d_model] -> [batch, time, d_model], causal in time (anti-causal if reverse)."""
         x, z = self._project_in(hidden)
-        y = self._scan_direction(x, z, "", reverse=False)
+        y = self._scan_direction(x, z, "", reverse=self.reverse)
         return self.out_proj(y.transpose(1, 2))
 
 
@@ -196,6 +201,8 @@ class BiMamba(Mamba):
     """
 
     def __init__(self, d_model: int, **kwargs):
+        if kwargs.pop("reverse", False):
+            raise ValueError("BiMamba already runs in both directions; reverse=True is for Mamba.")
         super().__init__(d_model, **kwargs)
         self._add_direction("_b")
 
@@ -312,8 +319,11 @@ class MambaStack(nn.Module):
         ``"rmsnorm"`` (default) or ``"layernorm"``.
     norm_epsilon : float
         Epsilon of the norms.
+    final_norm : bool
+        End with ``norm_f(hidden + residual)`` (Mamba-TasNet, DPMamba); without
+        it the stack returns ``hidden + residual`` (SepMamba).
     **mixer_kwargs
-        Passed to every mixer (``d_state``, ``d_conv``, ``expand``, ``scan_backend``...).
+        Passed to every mixer (``d_state``, ``d_conv``, ``expand``, ``scan_backend``, ``reverse``...).
 
     Example
     -------
@@ -333,6 +343,7 @@ class MambaStack(nn.Module):
         bidirectional: bool = True,
         norm: str = "rmsnorm",
         norm_epsilon: float = 1e-5,
+        final_norm: bool = True,
         **mixer_kwargs,
     ):
         super().__init__()
@@ -342,7 +353,7 @@ class MambaStack(nn.Module):
             MambaBlock(d_model, bidirectional, norm, norm_epsilon, **mixer_kwargs)
             for _ in range(num_layers)
         )
-        self.norm_f = _make_norm(norm, d_model, norm_epsilon)
+        self.norm_f = _make_norm(norm, d_model, norm_epsilon) if final_norm else None
         with torch.no_grad():
             for layer in self.layers:
                 layer.mixer.out_proj.weight /= math.sqrt(num_layers)
@@ -352,4 +363,5 @@ class MambaStack(nn.Module):
         residual = None
         for layer in self.layers:
             hidden, residual = layer(hidden, residual)
-        return self.norm_f(hidden + residual)
+        hidden = hidden + residual
+        return hidden if self.norm_f is None else self.norm_f(hidden)
