@@ -9,6 +9,7 @@ import torch
 import torch.distributed as dist
 import speechbrain as sb
 from speechbrain.nnet.losses import get_si_snr_with_pitwrapper
+from speechbrain.utils.distributed import if_main_process
 
 from speechbrain_mamba.separation.metrics import separation_scores
 from speechbrain_mamba.separation.separator import separate_mixture
@@ -27,7 +28,9 @@ class Separation(sb.Brain):
 
     Training: per-item negative SI-SNR with the best permutation; items already
     better than ``-loss_threshold`` dB, and non-finite items, are dropped from
-    the mean and counted. A batch left empty is skipped, and under DDP the
+    the mean and counted (if some items are non-finite, the others are run
+    through the model again without them, whose NaN would otherwise reach the
+    gradient of the whole batch). A batch left empty is skipped, and under DDP the
     decision is shared, so either every rank steps or none does (no rank waits
     for a backward that never comes). The optional ``lr_step_scheduler``
     (per optimizer step) and ``lr_epoch_scheduler`` (per epoch, on the
@@ -96,7 +99,15 @@ class Separation(sb.Brain):
                 self.skipped_batches += 1
                 self.zero_grad()
                 return torch.tensor(float("nan"))
-            loss = item_losses[keep].mean()
+            if bool(torch.isfinite(item_losses).all()):
+                loss = item_losses[keep].mean()
+            else:
+                # A non-finite item poisons the backward of the whole batch even when dropped from the mean
+                # (its zero upstream gradient meets NaN local derivatives: 0 * NaN = NaN), so the kept items
+                # go through the model again without it. Local to this rank: no collective.
+                with self.training_ctx:
+                    estimates = self.compute_forward(mixture[keep])
+                loss = self.compute_objectives(estimates, sources[keep]).mean()
             self.scaler.scale(loss / self.grad_accumulation_factor).backward()
         if should_step:
             step_scheduler = getattr(self.hparams, "lr_step_scheduler", None)
@@ -113,6 +124,14 @@ class Separation(sb.Brain):
         dist.all_reduce(shared, op=dist.ReduceOp.MAX)
         return bool(shared.item())
 
+    def _sum_over_ranks(self, counts: List[int]) -> List[int]:
+        """Element-wise sums over the DDP ranks (``counts`` itself without DDP)."""
+        if not (dist.is_available() and dist.is_initialized()):
+            return counts
+        shared = torch.tensor(counts, dtype=torch.float64, device=self.device)
+        dist.all_reduce(shared, op=dist.ReduceOp.SUM)
+        return [int(x) for x in shared.tolist()]
+
     def evaluate_batch(self, batch, stage):
         """Validation: mean loss. Test: also the metrics of every utterance."""
         mixture, sources = self._mixture_and_sources(batch, stage)
@@ -125,7 +144,7 @@ class Separation(sb.Brain):
                 n = int(lengths[i])
                 scores = separation_scores(mixture[i, :n].cpu(), sources[i, :n].cpu(), estimates[i, :n].cpu())
                 self.test_rows.append({"snt_id": snt_id, **scores})
-                if getattr(self.hparams, "save_audio", False):
+                if getattr(self.hparams, "save_audio", False) and if_main_process():
                     self._save_audio(snt_id, mixture[i, :n], estimates[i, :n])
         finite = item_losses[torch.isfinite(item_losses)]
         return (finite.mean() if finite.numel() else torch.tensor(float("nan"))).detach().cpu()
@@ -141,6 +160,8 @@ class Separation(sb.Brain):
     def on_stage_end(self, stage, stage_loss, epoch=None):
         stats = {"si-snr": stage_loss}
         if stage == sb.Stage.TRAIN:
+            # Item counts of all ranks (skipped batches are the same on every rank: the decision is shared).
+            self.nonfinite_items, self.solved_items = self._sum_over_ranks([self.nonfinite_items, self.solved_items])
             self.train_stats = {
                 **stats,
                 "skipped_batches": self.skipped_batches,
@@ -168,11 +189,12 @@ class Separation(sb.Brain):
             return
         means = {k: sum(row[k] for row in self.test_rows) / len(self.test_rows) for k in RESULT_COLUMNS[1:]}
         path = Path(self.hparams.output_folder) / "test_results.csv"
-        with open(path, "w", newline="") as handle:
-            writer = csv.DictWriter(handle, fieldnames=RESULT_COLUMNS)
-            writer.writeheader()
-            writer.writerows(self.test_rows)
-            writer.writerow({"snt_id": "avg", **means})
+        if if_main_process():  # under DDP every rank evaluates the whole test set: one writes
+            with open(path, "w", newline="") as handle:
+                writer = csv.DictWriter(handle, fieldnames=RESULT_COLUMNS)
+                writer.writeheader()
+                writer.writerows(self.test_rows)
+                writer.writerow({"snt_id": "avg", **means})
         summary = ", ".join(f"{k} {v:.2f} dB" for k, v in means.items())
         self.hparams.train_logger.log_stats(
             stats_meta={"Epoch loaded": self.hparams.epoch_counter.current},

@@ -16,6 +16,8 @@ import torch
 import torchaudio
 from speechbrain.processing.signal_processing import rescale
 
+from speechbrain_mamba.separation.data_prep import DataError
+
 logger = logging.getLogger(__name__)
 
 
@@ -30,6 +32,8 @@ class DynamicMixingDataset(torch.utils.data.Dataset):
     clipped likewise; noise, if given, at the first source's level plus
     N(-2.51, 2.66). Sources are cropped at random to the shortest one (and to
     ``segment_length``), then everything is scaled so that the peak is 0.9.
+    Every file's header is checked at construction (sample rate, one channel,
+    not empty): bad files raise a ``DataError`` naming them, before training.
 
     Arguments
     ---------
@@ -92,6 +96,27 @@ class DynamicMixingDataset(torch.utils.data.Dataset):
         self.noise_files = sorted(map(Path, noise_files or []))
         self.seed = seed
         self.epoch = 0
+        self._check_files()
+
+    def _check_files(self) -> None:
+        """Reads every file's header up front: a bad file is reported now, not in the middle of an epoch."""
+        problems = []
+        for path in [p for spk in self.speakers for p in self.utterances[spk]] + self.noise_files:
+            try:
+                info = soundfile.info(str(path))
+            except (soundfile.SoundFileError, RuntimeError) as error:
+                problems.append(f"{path}: unreadable audio ({error})")
+                continue
+            if info.samplerate != self.sample_rate:
+                problems.append(f"{path}: sample rate {info.samplerate} Hz, expected {self.sample_rate} Hz")
+            if info.channels != 1:
+                problems.append(f"{path}: {info.channels} channels, expected 1 (mono)")
+            if info.frames == 0:
+                problems.append(f"{path}: empty audio (0 samples), expected speech")
+        if problems:
+            listed = "\n".join(f"  - {problem}" for problem in problems[:10])
+            more = f"\n  ... and {len(problems) - 10} more" if len(problems) > 10 else ""
+            raise DataError(f"dynamic mixing: {len(problems)} bad file(s):\n{listed}{more}")
 
     def set_epoch(self, epoch: int) -> None:
         """Mixtures depend on the epoch: call before each epoch."""

@@ -6,6 +6,7 @@ runs on the embedded demo corpus, built in the corpus's own layout, with the
 short schedule of ``DEMO_OVERRIDES`` applied to the keys the file defines.
 """
 
+import dataclasses
 import logging
 import sys
 from pathlib import Path
@@ -18,10 +19,10 @@ from ruamel.yaml import YAML
 from speechbrain.dataio.batch import PaddedBatch
 from speechbrain.dataio.dataio import read_audio
 from speechbrain.dataio.dataset import DynamicItemDataset
-from speechbrain.utils.distributed import run_on_main
+from speechbrain.utils.distributed import ddp_init_group, run_on_main
 
 from speechbrain_mamba.separation.brain import Separation
-from speechbrain_mamba.separation.data_prep import list_speaker_utterances, prepare_data
+from speechbrain_mamba.separation.data_prep import DataError, list_speaker_utterances, prepare_data
 from speechbrain_mamba.separation.demo import build_demo_dataset
 from speechbrain_mamba.separation.dynamic_mixing import DynamicMixingDataset
 from speechbrain_mamba.utils.cpu import keep_freed_memory
@@ -55,7 +56,8 @@ def demo_overrides(hparams_file: str, overrides: Dict[str, object]) -> Dict[str,
         return {}
     layout = defaults.get("dataset", "wsj0mix")
     num_spks = int(overrides.get("num_spks", defaults.get("num_spks", 2)))
-    demo_root = Path(str(overrides.get("demo_folder", "results/demo_data"))) / f"{layout}_{num_spks}spk"
+    demo_folder = overrides.get("demo_folder", defaults.get("demo_folder")) or "results/demo_data"
+    demo_root = Path(str(demo_folder)) / f"{layout}_{num_spks}spk"
     run_on_main(build_demo_dataset, kwargs={"output_folder": demo_root, "layout": layout, "num_spks": num_spks})
     demo = build_demo_dataset(demo_root, layout=layout, num_spks=num_spks)  # built: returns the paths
     logger.info(f"No data_folder given: running on the embedded demo corpus ({demo.data_folder}).")
@@ -86,16 +88,38 @@ def noise_files(csv_path: Path) -> List[str]:
 
 
 def main(argv: Optional[List[str]] = None) -> None:
-    """Runs a recipe: ``main(["hparams/dpmamba_m.yaml", "--data_folder", ...])``."""
+    """Runs a recipe: ``main(["hparams/dpmamba_m.yaml", "--data_folder", ...])``.
+
+    Bad input data (a ``DataError``: the message names the file or folder and what was expected) ends the
+    run with that message as one error line, no traceback, and ``SystemExit(2)`` (the error is its
+    ``__cause__``).
+    """
+    try:
+        _run(argv)
+    except DataError as error:
+        logger.error(f"Bad input data, stopping before training: {error}")
+        raise SystemExit(2) from error
+
+
+def _run(argv: Optional[List[str]]) -> None:
     keep_freed_memory()  # ~2x faster CPU training (see speechbrain_mamba.utils.cpu)
     hparams_file, run_opts, overrides_yaml = sb.parse_arguments(sys.argv[1:] if argv is None else argv)
+    ddp_init_group(run_opts)  # under torchrun (RANK and LOCAL_RANK set); nothing otherwise
     overrides = dict(YAML(typ="safe").load(overrides_yaml) or {}) if overrides_yaml else {}
     overrides.update(demo_overrides(hparams_file, overrides))
+    if "demo_folder" not in _top_level_keys(hparams_file):
+        overrides.pop("demo_folder", None)  # a recipe option, not a key of every hparams file
     with open(hparams_file) as handle:
         hparams = load_hyperpyyaml(handle, overrides)
     # Evaluate in the training precision unless told otherwise (the stock recipe always used fp32).
-    if "eval_precision" not in run_opts:
-        run_opts["eval_precision"] = run_opts.get("precision", hparams.get("precision", "fp32"))
+    # run_opts is a frozen RunOptions; Brain takes a run option over the hparams only if it is in overridden_args.
+    if "eval_precision" not in run_opts.overridden_args and "eval_precision" not in hparams:
+        from_command_line = "precision" in run_opts.overridden_args
+        run_opts = dataclasses.replace(
+            run_opts,
+            eval_precision=run_opts.precision if from_command_line else hparams.get("precision", "fp32"),
+            overridden_args=run_opts.overridden_args | {"eval_precision"},
+        )
 
     sb.create_experiment_directory(
         experiment_directory=hparams["output_folder"], hyperparams_to_save=hparams_file, overrides=overrides

@@ -1,0 +1,530 @@
+"""Training with the separation Brain and the recipe: robust steps, resuming, precision, bad input.
+
+The recipe runs are subprocesses of ``recipes/WSJ0Mix/separation/train.py`` with the tiny model of
+``tests/hparams/tiny_separation.yaml`` on a tiny synthetic corpus, every output under pytest's tmp_path
+(the subprocesses also run there, so that nothing relative to the working directory lands in the repository).
+"""
+
+import copy
+import json
+import math
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+from pathlib import Path
+from typing import Dict, List, Optional
+
+import numpy as np
+import pytest
+import soundfile as sf
+import speechbrain as sb
+import torch
+import torch.nn.functional as F
+from speechbrain.core import INTRA_EPOCH_CKPT_FLAG
+from speechbrain.dataio.batch import PaddedBatch
+
+from speechbrain_mamba.separation.brain import Separation
+from speechbrain_mamba.separation.schedulers import WarmupCosineScheduler
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+TRAIN_PY = REPO_ROOT / "recipes" / "WSJ0Mix" / "separation" / "train.py"
+TINY_HPARAMS = REPO_ROOT / "tests" / "hparams" / "tiny_separation.yaml"
+RATE = 8000
+RUN_TIMEOUT = 300  # seconds, for one recipe run (5-15 s on a 2-core CPU)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# A tiny corpus: wsj0-2mix layout (2 mixtures of 0.25 s per split) and single-speaker utterances for dynamic mixing.
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def _voice(rng: np.random.Generator, f0: float, length: int) -> np.ndarray:
+    """A harmonic 'voice' with a syllable-like envelope and a little noise, peak about 0.3."""
+    t = np.arange(length) / RATE
+    f0_track = f0 * (1 + 0.05 * np.sin(2 * np.pi * rng.uniform(1, 3) * t))
+    phase = 2 * np.pi * np.cumsum(f0_track) / RATE
+    wave = sum(np.sin(k * phase + rng.uniform(0, 2 * np.pi)) / k for k in range(1, 6))
+    envelope = 0.5 + 0.5 * np.sin(2 * np.pi * rng.uniform(3, 6) * t + rng.uniform(0, 2 * np.pi)) ** 2
+    wave = wave * envelope + 0.02 * rng.standard_normal(length)
+    return 0.3 * wave / np.abs(wave).max()
+
+
+def write_tiny_corpus(root: Path, mixture_len: int = 2000, utterance_len: int = 3000) -> Dict[str, Path]:
+    """``root/wsj0-mix/2speakers/wav8k/min/{tr,cv,tt}/{mix,s1,s2}`` and ``root/wsj0/si_tr_s/<spk>/<spk>NN.wav``."""
+    rng = np.random.default_rng(0)
+    speakers = {f"s{i:02d}": 100.0 + 37.0 * i for i in range(6)}  # speaker id (3 characters) -> f0
+    dm_folder = root / "wsj0" / "si_tr_s"
+    for spk, f0 in speakers.items():
+        for utt in range(2):
+            path = dm_folder / spk / f"{spk}{utt:02d}.wav"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            sf.write(path, _voice(rng, f0, utterance_len), RATE, subtype="PCM_16")
+    data_folder = root / "wsj0-mix"
+    split_root = data_folder / "2speakers" / "wav8k" / "min"
+    for split in ("tr", "cv", "tt"):
+        for index in range(2):
+            spk1, spk2 = rng.choice(sorted(speakers), 2, replace=False)
+            sources = [_voice(rng, speakers[spk], mixture_len) for spk in (spk1, spk2)]
+            sources = [np.round(s * 32767) / 32767 for s in sources]  # exact in 16-bit PCM
+            name = f"{spk1}{index:02d}_0.5_{spk2}{index:02d}_-0.5"
+            for sub, wave in (("s1", sources[0]), ("s2", sources[1]), ("mix", sources[0] + sources[1])):
+                path = split_root / split / sub / f"{name}.wav"
+                path.parent.mkdir(parents=True, exist_ok=True)
+                sf.write(path, wave, RATE, subtype="PCM_16")
+    return {"data_folder": data_folder, "dm_folder": dm_folder}
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory) -> Dict[str, Path]:
+    return write_tiny_corpus(tmp_path_factory.mktemp("corpus"))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Running the recipe
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def recipe_command(output_folder: Path, corpus: Optional[Dict[str, Path]], *extra: str) -> List[str]:
+    command = [sys.executable, str(TRAIN_PY), str(TINY_HPARAMS), "--output_folder", str(output_folder)]
+    if corpus is not None:
+        command += ["--data_folder", str(corpus["data_folder"]), "--dm_folder", str(corpus["dm_folder"])]
+    return command + ["--noprogressbar", *extra]
+
+
+def recipe_env() -> Dict[str, str]:
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join([str(REPO_ROOT)] + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else []))
+    env["OMP_NUM_THREADS"] = "1"  # the tiny model gains nothing from threads; spinning ones are slow on a busy CPU
+    return env
+
+
+def run_recipe(command: List[str], cwd: Path, timeout: float = RUN_TIMEOUT) -> subprocess.CompletedProcess:
+    """Runs the recipe in ``cwd`` (a tmp_path); stdout and stderr together in ``.stdout``."""
+    return subprocess.run(
+        command, cwd=cwd, env=recipe_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        timeout=timeout,
+    )
+
+
+def logged_epochs(train_log: Path) -> List[Dict[str, float]]:
+    """The epoch lines of a SpeechBrain train_log.txt as {"epoch": ..., "lr": ..., "train si-snr": ...}."""
+    epochs = []
+    for line in train_log.read_text().splitlines():
+        if not line.startswith("epoch: "):
+            continue
+        fields = {}
+        for part in re.split(r", | - ", line):
+            key, value = part.rsplit(": ", 1)
+            fields[key] = float(value)
+        epochs.append(fields)
+    return epochs
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# fit_batch: non-finite items and the loss threshold (unit tests with a fake model)
+# ----------------------------------------------------------------------------------------------------------------
+
+NAN_MARK = 123.0  # a mixture starting with this sample makes the fake model output NaN for that item
+
+
+class FakeSeparator(torch.nn.Module):
+    """[B, T] -> [B, T, 2]: two learnable FIR filters of the mixture. The NaN of a marked item comes out of a
+    differentiable path (as an overflow would), so that it reaches the gradient unless the item is left out."""
+
+    def __init__(self):
+        super().__init__()
+        self.filters = torch.nn.Parameter(0.3 * torch.randn(2, 1, 9, generator=torch.Generator().manual_seed(1)))
+
+    def forward(self, mixture: torch.Tensor) -> torch.Tensor:
+        estimates = F.conv1d(mixture[:, None], self.filters, padding=4).transpose(1, 2)
+        poison = torch.where(mixture[:, :1, None] == NAN_MARK, float("nan"), 1.0)
+        return estimates * poison
+
+
+def make_brain(model: torch.nn.Module, loss_threshold: Optional[float] = -40.0) -> Separation:
+    hparams = {"num_spks": 2, "loss_threshold": loss_threshold,
+               "lr_step_scheduler": WarmupCosineScheduler(1e-2, warmup_steps=0, total_steps=100)}
+    brain = Separation({"model": model}, lambda params: torch.optim.Adam(params, lr=1e-2), hparams,
+                       run_opts={"device": "cpu", "noprogressbar": True})
+    brain.on_fit_start()  # optimizer (no checkpointer)
+    brain.on_stage_start(sb.Stage.TRAIN, epoch=1)
+    brain.modules.train()
+    brain.step = 1  # as Brain._fit_train numbers the batches
+    return brain
+
+
+def make_items(count: int, length: int = 400, seed: int = 0) -> List[dict]:
+    generator = torch.Generator().manual_seed(seed)
+    items = []
+    for i in range(count):
+        sources = torch.randn(length, 2, generator=generator)
+        items.append({"id": f"utt{i}", "mixture": sources.sum(-1), "sources": sources})
+    return items
+
+
+def oracle_si_snr(estimate: np.ndarray, target: np.ndarray) -> float:
+    """SI-SNR (dB) from its definition, in float64."""
+    estimate, target = estimate - estimate.mean(), target - target.mean()
+    projection = (estimate @ target) / (target @ target) * target
+    return 10 * math.log10((projection @ projection) / ((estimate - projection) @ (estimate - projection)))
+
+
+def oracle_pit_loss(estimates: torch.Tensor, sources: torch.Tensor) -> float:
+    """Negative SI-SNR of one item [T, 2] under its best permutation."""
+    est, src = estimates.double().numpy(), sources.double().numpy()
+    return -max(
+        (oracle_si_snr(est[:, 0], src[:, a]) + oracle_si_snr(est[:, 1], src[:, b])) / 2 for a, b in ((0, 1), (1, 0))
+    )
+
+
+def parameters(brain: Separation) -> List[torch.Tensor]:
+    return [p.detach().clone() for p in brain.modules.parameters()]
+
+
+def test_fit_batch_drops_nonfinite_items_and_steps_on_the_others():
+    items = make_items(3)
+    items[1]["mixture"][0] = NAN_MARK
+    model = FakeSeparator()
+    twin = copy.deepcopy(model)
+    with torch.no_grad():
+        finite = (items[0], items[2])
+        expected_loss = np.mean([oracle_pit_loss(model(it["mixture"][None])[0], it["sources"]) for it in finite])
+    brain = make_brain(model)
+    before = parameters(brain)
+
+    loss = brain.fit_batch(PaddedBatch(items))
+
+    after = parameters(brain)
+    assert brain.nonfinite_items == 1 and brain.skipped_batches == 0 and brain.solved_items == 0
+    assert brain.optimizer_step == 1 and brain.hparams.lr_step_scheduler.step_count == 1
+    assert float(loss) == pytest.approx(expected_loss, abs=1e-4)
+    assert all(torch.isfinite(p).all() for p in after), "a NaN item poisoned the parameters"
+    assert any(not torch.equal(a, b) for a, b in zip(before, after)), "no optimizer step"
+    # The step is the one of the finite items alone.
+    reference = make_brain(twin)
+    reference_loss = reference.fit_batch(PaddedBatch([items[0], items[2]]))
+    assert float(reference_loss) == pytest.approx(float(loss), abs=1e-6)
+    for got, want in zip(after, parameters(reference)):
+        torch.testing.assert_close(got, want, rtol=0, atol=1e-7)
+
+
+def test_fit_batch_with_every_item_nonfinite_is_skipped():
+    items = make_items(2)
+    for item in items:
+        item["mixture"][0] = NAN_MARK
+    brain = make_brain(FakeSeparator())
+    before = parameters(brain)
+    loss = brain.fit_batch(PaddedBatch(items))
+    assert math.isnan(float(loss))
+    assert brain.nonfinite_items == 2 and brain.skipped_batches == 1 and brain.optimizer_step == 0
+    assert all(torch.equal(a, b) for a, b in zip(before, parameters(brain)))
+    assert all(p.grad is None or not p.grad.any() for p in brain.modules.parameters())
+
+
+def solved_items(model: torch.nn.Module, count: int, solved: List[bool]) -> List[dict]:
+    """Items whose sources are the model's own output (swapped) plus a little noise, so that their SI-SNR
+    is far above 40 dB, or, where not ``solved``, independent sources."""
+    items = make_items(count, seed=3)
+    with torch.no_grad():
+        for item, is_solved in zip(items, solved):
+            if is_solved:
+                estimates = model(item["mixture"][None])[0].flip(-1)
+                noise = torch.randn(estimates.shape, generator=torch.Generator().manual_seed(4))
+                item["sources"] = estimates + 1e-4 * noise
+    return items
+
+
+def test_fit_batch_already_solved_batch_is_skipped_without_a_step():
+    model = FakeSeparator()
+    items = solved_items(model, 2, [True, True])
+    with torch.no_grad():
+        assert all(oracle_pit_loss(model(it["mixture"][None])[0], it["sources"]) < -40 for it in items)
+    brain = make_brain(model)
+    before = parameters(brain)
+    loss = brain.fit_batch(PaddedBatch(items))
+    assert math.isnan(float(loss))
+    assert brain.solved_items == 2 and brain.skipped_batches == 1 and brain.nonfinite_items == 0
+    assert brain.optimizer_step == 0 and brain.hparams.lr_step_scheduler.step_count == 0
+    assert brain.optimizer.state_dict()["state"] == {}, "Adam state changed without a step"
+    assert all(torch.equal(a, b) for a, b in zip(before, parameters(brain)))
+
+
+def test_fit_batch_solved_items_leave_the_mean():
+    model = FakeSeparator()
+    twin = copy.deepcopy(model)
+    items = solved_items(model, 3, [False, True, False])
+    brain = make_brain(model)
+    loss = brain.fit_batch(PaddedBatch(items))
+    assert brain.solved_items == 1 and brain.skipped_batches == 0 and brain.optimizer_step == 1
+    reference = make_brain(twin)
+    assert float(reference.fit_batch(PaddedBatch([items[0], items[2]]))) == pytest.approx(float(loss), abs=1e-6)
+    for got, want in zip(parameters(brain), parameters(reference)):
+        torch.testing.assert_close(got, want, rtol=0, atol=1e-7)
+    # Without a threshold the solved item counts in the mean.
+    unthresholded = make_brain(copy.deepcopy(twin), loss_threshold=None)
+    unthresholded.fit_batch(PaddedBatch(items))
+    assert unthresholded.solved_items == 0
+    assert any(not torch.equal(a, b) for a, b in zip(parameters(unthresholded), parameters(reference)))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Resuming: a run killed in the middle of an epoch continues from its last checkpoint, as if never stopped
+# ----------------------------------------------------------------------------------------------------------------
+
+MIXTURES_PER_EPOCH = 12
+CKPT_INTERVAL_STEPS = 5  # intra-epoch checkpoints after batches 5 and 10 of every epoch
+CRASH_EPOCH, CRASH_STEP = 2, 7  # SIGKILL after batch 7 of epoch 2: the last checkpoint is the one after batch 5
+# The recipe's main() with a Brain that kills its own process (SIGKILL: no cleanup) after a given batch.
+CRASHING_MAIN = """
+import os, signal, sys
+from speechbrain_mamba.separation import recipe
+
+class CrashingSeparation(recipe.Separation):
+    def fit_batch(self, batch):
+        loss = super().fit_batch(batch)
+        if (self.hparams.epoch_counter.current, self.step) == ({epoch}, {step}):
+            os.kill(os.getpid(), signal.SIGKILL)
+        return loss
+
+recipe.Separation = CrashingSeparation
+recipe.main()
+"""
+
+
+def lr_after(steps: int, peak: float = 1e-3, warmup: int = 2, total: int = 3 * MIXTURES_PER_EPOCH) -> float:
+    """The warmup-cosine schedule of tests/hparams/tiny_separation.yaml, written out independently."""
+    if steps <= warmup:
+        return peak * steps / warmup
+    progress = min(1.0, (steps - warmup) / (total - warmup))
+    return peak * (0.01 + 0.99 * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+def checkpoints(save_folder: Path) -> Dict[str, float]:
+    """CKPT folder name -> modification time of its masknet parameters."""
+    return {ckpt.name: (ckpt / "masknet.ckpt").stat().st_mtime for ckpt in save_folder.glob("CKPT+*")}
+
+
+def read_test_results(path: Path) -> Dict[str, List[float]]:
+    rows = [line.split(",") for line in path.read_text().splitlines()]
+    assert rows[0] == ["snt_id", "sdr", "sdr_i", "si-snr", "si-snr_i"]
+    return {row[0]: [float(x) for x in row[1:]] for row in rows[1:]}
+
+
+def test_resume_after_a_crash_mid_epoch_matches_an_uninterrupted_run(corpus, tmp_path):
+    options = ["--mixtures_per_epoch", str(MIXTURES_PER_EPOCH), "--ckpt_interval_steps", str(CKPT_INTERVAL_STEPS)]
+    reference_out, out = tmp_path / "reference", tmp_path / "interrupted"
+    reference = run_recipe(recipe_command(reference_out, corpus, *options), tmp_path)
+    assert reference.returncode == 0, reference.stdout[-3000:]
+
+    command = recipe_command(out, corpus, *options)
+    crashing = [sys.executable, "-c", CRASHING_MAIN.format(epoch=CRASH_EPOCH, step=CRASH_STEP)] + command[2:]
+    crashed = run_recipe(crashing, tmp_path)
+    assert crashed.returncode == -signal.SIGKILL, crashed.stdout[-3000:]
+    assert [e["epoch"] for e in logged_epochs(out / "train_log.txt")] == [1]
+    assert not (out / "test_results.csv").exists()
+    intra = [c for c in (out / "save").glob("CKPT+*") if INTRA_EPOCH_CKPT_FLAG in (c / "CKPT.yaml").read_text()]
+    assert len(intra) == 1 and (intra[0] / "counter.ckpt").read_text().strip() == str(CRASH_EPOCH)
+
+    resumed = run_recipe(command, tmp_path)  # the same command again
+    log = resumed.stdout
+    assert resumed.returncode == 0, log[-3000:]
+    assert f"Loading a checkpoint from {intra[0]}" in log
+    assert "Going into epoch 1\n" not in log and "Going into epoch 2\n" in log and "Going into epoch 3\n" in log
+    epochs = logged_epochs(out / "train_log.txt")
+    assert [e["epoch"] for e in epochs] == [1, 2, 3], "each epoch once in train_log.txt"
+    for epoch in epochs:  # the schedule went on from the checkpointed step, and epoch 2 was not restarted
+        assert epoch["lr"] == pytest.approx(lr_after(MIXTURES_PER_EPOCH * int(epoch["epoch"])), rel=5e-3)
+        assert epoch["train skipped_batches"] == 0
+    # Same data, same order, same state: the same numbers as without the crash (as logged, to 3-4 digits).
+    reference_epochs = logged_epochs(reference_out / "train_log.txt")
+    assert len(reference_epochs) == len(epochs)
+    for got, want in zip(epochs, reference_epochs):
+        assert got.keys() == want.keys()
+        assert all(got[key] == pytest.approx(want[key], rel=2e-3, abs=0.011) for key in want), (got, want)
+    results = read_test_results(out / "test_results.csv")
+    expected = read_test_results(reference_out / "test_results.csv")
+    assert list(results) == list(expected) and len(results) == 3  # 2 test mixtures and "avg"
+    for key, values in expected.items():
+        assert results[key] == pytest.approx(values, abs=1e-4)
+
+    # A finished experiment run again evaluates, and does not train again.
+    saved, train_log = checkpoints(out / "save"), (out / "train_log.txt").read_text()
+    (out / "test_results.csv").unlink()
+    again = run_recipe(command, tmp_path)
+    assert again.returncode == 0, again.stdout[-3000:]
+    assert "Going into epoch" not in again.stdout
+    assert checkpoints(out / "save") == saved
+    assert logged_epochs(out / "train_log.txt") == epochs
+    assert (out / "train_log.txt").read_text().startswith(train_log)
+    for key, values in read_test_results(out / "test_results.csv").items():
+        assert values == pytest.approx(results[key], abs=1e-6)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Precision: bf16 training through the recipe; evaluation in the training precision unless told otherwise
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def precisions(log: str) -> tuple:
+    train = re.findall(r"Using training precision: `--precision=(\w+)`", log)
+    evaluation = re.findall(r"Using evaluation precision: `--eval_precision=(\w+)`", log)
+    assert len(train) == 1 and len(evaluation) == 1, log[-3000:]
+    return train[0], evaluation[0]
+
+
+def test_bf16_training_through_the_recipe_evaluates_in_bf16(corpus, tmp_path):
+    # precision from the hparams file, as in the DPMamba recipes (precision: bf16)
+    hparams = tmp_path / "tiny_bf16.yaml"
+    hparams.write_text(re.sub(r"(?m)^precision: fp32$", "precision: bf16", TINY_HPARAMS.read_text()))
+    assert "precision: bf16" in hparams.read_text()
+    out = tmp_path / "out"
+    command = recipe_command(out, corpus, "--debug")
+    command[2] = str(hparams)
+    result = run_recipe(command, tmp_path)
+    assert result.returncode == 0, result.stdout[-3000:]
+    assert precisions(result.stdout) == ("bf16", "bf16")
+    epochs = logged_epochs(out / "train_log.txt")
+    assert [e["epoch"] for e in epochs] == [1, 2]  # --debug: 2 epochs of 2 batches
+    assert all(math.isfinite(e["train si-snr"]) and math.isfinite(e["valid si-snr"]) for e in epochs)
+    assert all(e["train skipped_batches"] == 0 and e["train nonfinite_items"] == 0 for e in epochs)
+    results = read_test_results(out / "test_results.csv")
+    assert len(results) == 3 and all(math.isfinite(x) for row in results.values() for x in row)
+
+
+@pytest.mark.parametrize(
+    "flags, expected",
+    [
+        (["--precision", "bf16"], ("bf16", "bf16")),  # the command line's training precision
+        (["--precision", "bf16", "--eval_precision", "fp32"], ("bf16", "fp32")),  # explicit evaluation precision
+        ([], ("fp32", "fp32")),  # the hparams file's (fp32)
+    ],
+)
+def test_evaluation_precision_follows_training_precision(corpus, tmp_path, flags, expected):
+    result = run_recipe(recipe_command(tmp_path / "out", corpus, "--test_only", *flags), tmp_path)
+    assert result.returncode == 0, result.stdout[-3000:]
+    assert precisions(result.stdout) == expected
+    assert (tmp_path / "out" / "test_results.csv").is_file()
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Bad input through the recipe entry: a clear error naming the file, exit status 2, no traceback
+# ----------------------------------------------------------------------------------------------------------------
+
+SPLIT_ROOT = Path("wsj0-mix/2speakers/wav8k/min")
+# Runs recipe.main() on each case in one process (imports once); prints the outcome of each as JSON.
+MAIN_PER_CASE = """
+import json, sys
+from speechbrain_mamba.separation.recipe import main
+outcomes = {}
+for name, argv in json.loads(sys.argv[1]).items():
+    try:
+        main(argv)
+        outcomes[name] = {"code": 0}
+    except SystemExit as stop:
+        outcomes[name] = {"code": stop.code, "cause": type(stop.__cause__).__name__, "message": str(stop.__cause__)}
+    except Exception as error:
+        outcomes[name] = {"code": None, "cause": type(error).__name__, "message": str(error)}
+print("OUTCOMES " + json.dumps(outcomes))
+"""
+
+
+def _first(folder: Path) -> Path:
+    return sorted(folder.glob("*.wav"))[0]
+
+
+def _rewrite(path: Path, **changes) -> Path:
+    """Rewrites a WAV with other properties: rate, channels, length, float samples with a NaN."""
+    audio, rate = sf.read(path, dtype="float64")
+    if "length" in changes:
+        audio = audio[: changes["length"]]
+    if changes.get("channels") == 2:
+        audio = np.stack([audio, audio], axis=-1)
+    subtype = "PCM_16"
+    if changes.get("nan"):
+        audio[len(audio) // 2] = np.nan
+        subtype = "FLOAT"
+    sf.write(path, audio, changes.get("rate", rate), subtype=subtype)
+    return path
+
+
+def bad_inputs(corpus: Dict[str, Path], root: Path) -> Dict[str, tuple]:
+    """name -> (data_folder, dm_folder, path the error must name, phrase it must contain)."""
+    cases = {}
+
+    def broken_copy(name: str, relative: Path, **changes) -> None:
+        copy_root = root / re.sub(r"\W+", "_", name)  # no ": " in paths: SpeechBrain passes overrides as YAML
+        data_folder = Path(shutil.copytree(corpus["data_folder"], copy_root / "wsj0-mix"))
+        dm_folder = Path(shutil.copytree(corpus["dm_folder"], copy_root / "si_tr_s"))
+        base = dm_folder if relative.parts[0] == "dm" else data_folder.parent / SPLIT_ROOT
+        target = _rewrite(_first(base.joinpath(*relative.parts[1:])), **changes)
+        cases[name] = (data_folder, dm_folder, target, None)
+
+    missing = root / "no_such_corpus"
+    cases["missing data folder"] = (missing, corpus["dm_folder"], missing, "does not exist")
+    (root / "empty").mkdir(parents=True)
+    cases["empty data folder"] = (root / "empty", corpus["dm_folder"], root / "empty", "is empty")
+    for split in ("train", "valid", "test"):  # the custom layout where wsj0-mix is expected
+        for sub in ("mix", "s1", "s2"):
+            (root / "custom" / split / sub).mkdir(parents=True)
+    cases["wrong layout"] = (root / "custom", corpus["dm_folder"], root / "custom", "no wsj0-2mix split folders found")
+    broken_copy("wrong sample rate", Path("x/tt/s2"), rate=16000)
+    broken_copy("two channels", Path("x/cv/mix"), channels=2)
+    broken_copy("NaN samples", Path("x/tr/s1"), nan=True)
+    broken_copy("source shorter than its mixture", Path("x/tr/s2"), length=1500)
+    broken_copy("dynamic mixing: wrong sample rate", Path("dm/s03"), rate=16000)
+    broken_copy("dynamic mixing: two channels", Path("dm/s01"), channels=2)
+    cases["dynamic mixing: missing folder"] = (corpus["data_folder"], root / "no_dm", root / "no_dm", "does not exist")
+    phrases = {"wrong sample rate": "16000 Hz, expected 8000 Hz", "two channels": "2 channels, expected 1",
+               "NaN samples": "NaN", "source shorter than its mixture": "1500 samples, expected 2000",
+               "dynamic mixing: wrong sample rate": "16000 Hz, expected 8000 Hz",
+               "dynamic mixing: two channels": "2 channels, expected 1"}
+    return {name: (*case[:3], case[3] or phrases[name]) for name, case in cases.items()}
+
+
+def test_bad_input_stops_with_a_clear_error(corpus, tmp_path):
+    cases = bad_inputs(corpus, tmp_path / "inputs")
+    argvs = {
+        name: [str(TINY_HPARAMS), "--output_folder", str(tmp_path / "out" / f"case{i}"), "--noprogressbar",
+               "--data_folder", str(data_folder), "--dm_folder", str(dm_folder)]
+        for i, (name, (data_folder, dm_folder, _, _)) in enumerate(cases.items())
+    }
+    result = run_recipe([sys.executable, "-c", MAIN_PER_CASE, json.dumps(argvs)], tmp_path)
+    assert result.returncode == 0 and "OUTCOMES " in result.stdout, result.stdout[-3000:]
+    outcomes = json.loads(result.stdout.split("OUTCOMES ", 1)[1])
+    for name, (_, _, culprit, phrase) in cases.items():
+        outcome = outcomes[name]
+        assert outcome["code"] == 2 and outcome["cause"] == "DataError", (name, outcome)
+        assert str(culprit) in outcome["message"] and phrase in outcome["message"], (name, outcome["message"])
+        assert "Going into epoch" not in (tmp_path / "out" / f"case{list(cases).index(name)}" / "log.txt").read_text()
+
+
+def test_bad_input_on_the_command_line_gives_a_message_not_a_traceback(corpus, tmp_path):
+    data_folder = Path(shutil.copytree(corpus["data_folder"], tmp_path / "wsj0-mix"))
+    bad = _rewrite(_first(tmp_path / SPLIT_ROOT / "tt" / "s2"), rate=16000)
+    command = recipe_command(tmp_path / "out", {"data_folder": data_folder, "dm_folder": corpus["dm_folder"]})
+    result = run_recipe(command, tmp_path)
+    assert result.returncode == 2, result.stdout[-3000:]
+    assert "Traceback" not in result.stdout and 'File "' not in result.stdout, result.stdout[-3000:]
+    error = result.stdout[result.stdout.index("Bad input data") :]
+    assert f"{bad}: sample rate 16000 Hz, expected 8000 Hz" in error
+    assert len(error.splitlines()) <= 4  # the error line and the DataError's list of problems
+
+
+def test_without_data_folder_the_demo_corpus_goes_to_demo_folder(tmp_path):
+    # An hparams file without a demo_folder key still takes --demo_folder (a recipe option).
+    hparams = tmp_path / "tiny_no_demo_key.yaml"
+    hparams.write_text(re.sub(r"(?m)^demo_folder:.*\n", "", TINY_HPARAMS.read_text()))
+    assert "demo_folder" not in hparams.read_text()
+    command = recipe_command(tmp_path / "out", None, "--demo_folder", str(tmp_path / "demo"), "--test_only", "--debug")
+    command[2] = str(hparams)
+    result = run_recipe(command, tmp_path)
+    assert result.returncode == 0, result.stdout[-3000:]
+    demo_root = tmp_path / "demo" / "wsj0mix_2spk"
+    test_csv = (tmp_path / "out" / "save" / "wsj_tt.csv").read_text().splitlines()
+    assert len(test_csv) > 2 and all(f",{demo_root / 'wsj0-mix'}/" in row for row in test_csv[1:])
+    assert (demo_root / "wsj0" / "si_tr_s").is_dir()
+    assert not (tmp_path / "results").exists()  # nothing under the working directory
+    assert len(read_test_results(tmp_path / "out" / "test_results.csv")) == 3  # --debug: 2 batches, and avg
