@@ -12,8 +12,9 @@ scan on a time-major ``(L, M)`` layout (``M = batch * channels * N`` states):
 Work is ``O(L * M)`` like the loop, in ``~3 * sqrt(L)`` Python steps instead of
 ``L``, reading the inputs about twice. Memory is ``O(L * M)``: the decays and
 the states are the only full-size tensors, kept for the backward pass
-(``2 * L * M`` fp32 values); scanning itself needs ``O(sqrt(L) * M)``. The backward pass is the same scan run
-in the opposite direction (``LinearScan``).
+(``2 * L * M`` fp32 values); scanning itself needs ``O(sqrt(L) * M)``. The
+backward pass is the same scan run in the opposite direction
+(``SelectiveScanFunction``).
 """
 
 import math
@@ -77,54 +78,77 @@ def _scan_(
     return values
 
 
-class LinearScan(torch.autograd.Function):
-    """``h_t = a_t * h_{t-1} + b_t`` (or ``h_{t+1}`` with reverse), in place on b.
+class SelectiveScanFunction(torch.autograd.Function):
+    """The state-space part of the scan, ``(dt, u, A, B, C) -> y``, with a hand-written backward.
 
-    Inputs are fp32 contiguous tensors ``a`` and ``b`` of one shape ``(L, ...)``
-    and an optional initial state of shape ``b.shape[1:]``. ``b`` must not be
-    a view: autograd drops the other inputs' gradients when a view is modified. The gradient of a forward scan is a reverse scan
-    whose coefficient at ``t`` is ``a_{t+1}``, and vice versa.
+    Time-major fp32 inputs: ``dt`` and ``u`` ``(L, batch, groups, P)`` (``P``
+    channels per group), ``A`` ``(groups, N, P)``, ``B`` and ``C``
+    ``(L, batch, groups, N)``, ``initial`` ``(batch, groups, N, P)`` or None.
+    Returns ``y`` ``(L, batch, groups, P)`` and the last state
+    ``(batch, groups, N, P)``. States are laid out ``(..., N, P)`` so that the
+    contractions over ``N`` are vector-matrix products over long rows.
+
+    Autograd through the broadcast products would allocate about six
+    full-size ``(L, batch, channels, N)`` temporaries in backward; fresh
+    large tensors are slow on the CPU (page faults), so the backward here
+    allocates one (the state gradients) and reuses the decays' buffer. The
+    gradient of a forward scan is a reverse scan whose coefficient at ``t``
+    is ``a_{t+1}``, and vice versa.
     """
 
     @staticmethod
-    def forward(ctx, decay, drive, initial, reverse):
-        length = drive.shape[0]
+    def forward(ctx, dt, u, A, B, C, initial, reverse):
+        length = dt.shape[0]
+        decay = torch.mul(dt.unsqueeze(-2), A).exp_()
+        states = torch.mul((dt * u).unsqueeze(-2), B.unsqueeze(-1))  # the drive, scanned in place
         flat_initial = None if initial is None else initial.reshape(-1)
-        _scan_(decay.view(length, -1), drive.view(length, -1), flat_initial, reverse)
-        states = drive
-        ctx.mark_dirty(drive)
+        _scan_(decay.view(length, -1), states.view(length, -1), flat_initial, reverse)
+        y = torch.matmul(C.unsqueeze(-2), states).squeeze(-2)
         ctx.reverse = reverse
-        ctx.save_for_backward(decay, states, initial)
-        return states
+        ctx.save_for_backward(dt, u, A, B, C, initial, decay, states)
+        return y, states[0 if reverse else -1].clone()
 
     @staticmethod
-    def backward(ctx, grad_states):
-        decay, states, initial = ctx.saved_tensors
+    def backward(ctx, grad_y, grad_last):
+        dt, u, A, B, C, initial, decay, states = ctx.saved_tensors
         reverse = ctx.reverse
-        shape = decay.shape
-        decay, states = decay.view(shape[0], -1), states.view(shape[0], -1)
-        if initial is not None:
-            initial = initial.reshape(-1)
+        length = dt.shape[0]
         # In scan order: `first` has no predecessor; every `step` follows `prev`.
-        first = -1 if reverse else 0
+        first, last = (length - 1, 0) if reverse else (0, length - 1)
         step = slice(None, -1) if reverse else slice(1, None)
         prev = slice(1, None) if reverse else slice(None, -1)
 
-        coeff = torch.zeros_like(decay)
-        coeff[prev] = decay[step]  # how much of h_prev's gradient flows back
-        grad_drive = grad_states.reshape(decay.shape).clone(memory_format=torch.contiguous_format)
-        _scan_(coeff, grad_drive, None, not reverse)
-
-        grad_decay = coeff  # buffer reused: d h_t / d a_t = h_prev
-        torch.mul(grad_drive[step], states[prev], out=grad_decay[step])
+        # d loss / d drive_t: the direct term C_t * grad_y_t, then the later states' share.
+        grad_y = grad_y.contiguous()  # arrives with the strides of y's permuted view
+        grad_drive = torch.mul(grad_y.unsqueeze(-2), C.unsqueeze(-1))
+        if grad_last is not None:
+            grad_drive[last] += grad_last
+        if length > 1:
+            _scan_(
+                decay[step].reshape(length - 1, -1),
+                grad_drive[prev].view(length - 1, -1),
+                grad_drive[last].reshape(-1),
+                not reverse,
+            )
+        grad_C = torch.matmul(states, grad_y.unsqueeze(-1)).squeeze(-1)
+        grad_B = torch.matmul(grad_drive, (dt * u).unsqueeze(-1)).squeeze(-1)
+        grad_dt_u = torch.matmul(B.unsqueeze(-2), grad_drive).squeeze(-2)  # d loss / d (dt * u)
         grad_initial = None
+        if initial is not None and ctx.needs_input_grad[5]:
+            grad_initial = grad_drive[first] * decay[first]
+
+        # d loss / d (dt * A) = grad_drive_t * decay_t * h_prev, in the decays' buffer.
+        grad_log_decay = decay.mul_(grad_drive)
+        grad_log_decay[step].mul_(states[prev])
         if initial is None:
-            grad_decay[first].zero_()
+            grad_log_decay[first].zero_()
         else:
-            torch.mul(grad_drive[first], initial, out=grad_decay[first])
-            if ctx.needs_input_grad[2]:
-                grad_initial = (grad_drive[first] * decay[first]).view(shape[1:])
-        return grad_decay.view(shape), grad_drive.view(shape), grad_initial, None
+            grad_log_decay[first].mul_(initial)
+        grad_dt = grad_dt_u * u
+        for n in range(A.shape[1]):  # sum over N without a full-size temporary
+            grad_dt.addcmul_(grad_log_decay[..., n, :], A[:, n])
+        grad_A = grad_log_decay.mul_(dt.unsqueeze(-2)).sum((0, 1))
+        return grad_dt, grad_dt_u * dt, grad_A, grad_B, grad_C, grad_initial, None
 
 
 def selective_scan_torch(
@@ -138,9 +162,9 @@ def selective_scan_torch(
     batch, channels, length = u.shape
     groups, state_size = B.shape[1], A.shape[1]
     per_group = channels // groups
-    # Time-major [L, batch, groups, channels per group, N]: one scan step reads
+    # Time-major [L, batch, groups, channels per group]: one scan step reads
     # one contiguous block, and B/C broadcast over the channels of their group.
-    grouped = (length, batch, groups, per_group, 1)
+    grouped = (length, batch, groups, per_group)
 
     dt = delta.float()
     if delta_bias is not None:
@@ -149,20 +173,16 @@ def selective_scan_torch(
         dt = F.softplus(dt)
     dt = dt.permute(2, 0, 1).contiguous().view(grouped)
     u_t = u.float().permute(2, 0, 1).contiguous().view(grouped)
-    decay = torch.mul(dt, A.float().view(groups, per_group, state_size)).exp_()
-    B_t = B.float().permute(3, 0, 1, 2).contiguous().unsqueeze(3)  # [L, batch, groups, 1, N]
-    drive = (dt * u_t) * B_t
-
+    B_t = B.float().permute(3, 0, 1, 2).contiguous()
+    C_t = C.float().permute(3, 0, 1, 2).contiguous()
+    A_t = A.float().view(groups, per_group, state_size).transpose(1, 2).contiguous()
     initial = None
     if initial_state is not None:
-        initial = initial_state.float().reshape(decay.shape[1:])
-    states = LinearScan.apply(decay, drive, initial, reverse)
-
-    C_t = C.float().permute(3, 0, 1, 2).unsqueeze(-1)  # [L, batch, groups, N, 1]
-    y = torch.matmul(states, C_t).view(length, batch, channels).permute(1, 2, 0)
+        initial = initial_state.float().view(batch, groups, per_group, state_size).transpose(2, 3).contiguous()
+    y, last_state = SelectiveScanFunction.apply(dt, u_t, A_t, B_t, C_t, initial, reverse)
+    y = y.view(length, batch, channels).permute(1, 2, 0)
     if D is not None:
         y = y + D.float()[:, None] * u.float()
     if z is not None:
         y = y * F.silu(z.float())
-    last_state = states[0 if reverse else -1].reshape(batch, channels, state_size)
-    return y.to(u.dtype), last_state
+    return y.to(u.dtype), last_state.transpose(2, 3).reshape(batch, channels, state_size)
