@@ -224,6 +224,38 @@ def test_fit_batch_with_every_item_nonfinite_is_skipped():
     assert all(p.grad is None or not p.grad.any() for p in brain.modules.parameters())
 
 
+def test_fit_batch_skip_under_gradient_accumulation():
+    """Accumulating over 2 micro-batches: a skipped first micro-batch leaves the step to the second alone; a
+    skipped second one (the step) drops the window's gradients instead of stepping on unsynchronised ones."""
+    items = make_items(2)
+    nan_items = make_items(1)
+    nan_items[0]["mixture"][0] = NAN_MARK
+    model = FakeSeparator()
+    twin, third = copy.deepcopy(model), copy.deepcopy(model)
+
+    brain = make_brain(model)
+    brain.grad_accumulation_factor = 2
+    assert math.isnan(float(brain.fit_batch(PaddedBatch(nan_items))))  # micro-batch 1: skipped
+    brain.step = 2
+    brain.fit_batch(PaddedBatch(items))  # micro-batch 2: steps on its own gradient
+    assert brain.skipped_batches == 1 and brain.optimizer_step == 1
+    reference = make_brain(twin)
+    reference.grad_accumulation_factor = 2
+    reference.step = 2
+    reference.fit_batch(PaddedBatch(items))
+    for got, want in zip(parameters(brain), parameters(reference)):
+        torch.testing.assert_close(got, want, rtol=0, atol=1e-7)
+
+    dropped = make_brain(third)
+    dropped.grad_accumulation_factor = 2
+    dropped.fit_batch(PaddedBatch(items))  # micro-batch 1: accumulates
+    assert any(p.grad is not None and p.grad.any() for p in dropped.modules.parameters())
+    dropped.step = 2
+    assert math.isnan(float(dropped.fit_batch(PaddedBatch(nan_items))))  # the step's micro-batch: skipped
+    assert dropped.optimizer_step == 0
+    assert all(p.grad is None or not p.grad.any() for p in dropped.modules.parameters())
+
+
 def solved_items(model: torch.nn.Module, count: int, solved: List[bool]) -> List[dict]:
     """Items whose sources are the model's own output (swapped) plus a little noise, so that their SI-SNR
     is far above 40 dB, or, where not ``solved``, independent sources."""

@@ -32,7 +32,9 @@ class Separation(sb.Brain):
     through the model again without them, whose NaN would otherwise reach the
     gradient of the whole batch). A batch left empty is skipped, and under DDP the
     decision is shared, so either every rank steps or none does (no rank waits
-    for a backward that never comes). The optional ``lr_step_scheduler``
+    for a backward that never comes). With gradient accumulation, a skipped
+    micro-batch keeps the gradients accumulated so far, except at the step
+    itself, where the unsynchronised window is dropped. The optional ``lr_step_scheduler``
     (per optimizer step) and ``lr_epoch_scheduler`` (per epoch, on the
     validation loss) set the learning rate; gradient clipping is Brain's
     ``max_grad_norm``. Test: writes ``test_results.csv`` (SDR, SDRi, SI-SNR,
@@ -97,7 +99,10 @@ class Separation(sb.Brain):
                 keep &= ~solved
             if self._any_rank(not bool(keep.any())):
                 self.skipped_batches += 1
-                self.zero_grad()
+                if should_step:
+                    # Under DDP the gradients accumulated in no_sync() are all-reduced by this step's
+                    # backward; without it they were never synchronised, so the window is dropped.
+                    self.zero_grad()
                 return torch.tensor(float("nan"))
             if bool(torch.isfinite(item_losses).all()):
                 loss = item_losses[keep].mean()

@@ -29,14 +29,17 @@ from speechbrain_mamba.utils.cpu import keep_freed_memory
 
 logger = logging.getLogger(__name__)
 
-# A run on the demo corpus that trains, validates and tests in minutes on a 2-core CPU.
+# A run on the demo corpus that trains, validates and tests in minutes on a 2-core CPU. Short segments:
+# separation quality grows with optimizer steps far more than with segment length at this stage (a sweep
+# of 0.25-2 s segments and lr 1e-3..4e-3 on DPMamba-XS gave about the same SI-SNR per step), and a 0.5 s
+# step is the cheapest; validation and test run on the full-length demo mixtures.
 DEMO_OVERRIDES = {
-    "number_of_epochs": 4,
-    "mixtures_per_epoch": 120,
-    "training_signal_len": 12000,
-    "batch_size": 2,
-    "lr": 0.001,
-    "lr_warmup_steps": 20,
+    "number_of_epochs": 2,
+    "mixtures_per_epoch": 80,
+    "training_signal_len": 4000,
+    "batch_size": 1,
+    "lr": 0.002,
+    "lr_warmup_steps": 10,
     "precision": "fp32",
     "num_workers": 0,
 }
