@@ -33,6 +33,12 @@ setup(
         "eval": ["mir_eval>=0.7"],
         "dev": ["pytest>=7", "mir_eval>=0.7"],
     },
+    entry_points={
+        "console_scripts": [
+            "speechbrain-mamba-separate=speechbrain_mamba.inference.cli:separate_main",
+            "speechbrain-mamba-export=speechbrain_mamba.inference.cli:export_main",
+        ]
+    },
     classifiers=[
         "Programming Language :: Python :: 3",
         "License :: OSI Approved :: Apache Software License",

@@ -23,6 +23,9 @@ class MambaTasNetMaskNet(nn.Module):
         Number of masks.
     bidirectional : bool
         BiMamba blocks (True) or causal Mamba blocks.
+    norm_eps : float
+        Epsilon of the input LayerNorm; 1e-8 as in the released Mamba-TasNet
+        models, so that their checkpoints reproduce their outputs.
     **mixer_kwargs
         Passed to the Mamba stack.
 
@@ -39,11 +42,12 @@ class MambaTasNetMaskNet(nn.Module):
         num_layers: int,
         num_spks: int = 2,
         bidirectional: bool = True,
+        norm_eps: float = 1e-8,
         **mixer_kwargs,
     ):
         super().__init__()
         self.num_spks = num_spks
-        self.norm = nn.LayerNorm(channels)
+        self.norm = nn.LayerNorm(channels, eps=norm_eps)
         self.bottleneck = nn.Linear(channels, channels, bias=False)
         self.mamba = MambaStack(channels, num_layers, bidirectional=bidirectional, **mixer_kwargs)
         self.mask_proj = nn.Linear(channels, num_spks * channels, bias=False)

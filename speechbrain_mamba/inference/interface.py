@@ -1,0 +1,129 @@
+"""The pretrained separation interface: ``MambaSeparator.from_hparams(source=...)``."""
+
+import os
+from typing import Union
+
+import torch
+import torchaudio
+from speechbrain.inference.interfaces import Pretrained
+
+from speechbrain_mamba.inference.audio import check_mixture, read_mixture
+from speechbrain_mamba.inference.chunking import separate_in_chunks
+from speechbrain_mamba.separation.separator import separate_mixture
+
+PathLike = Union[str, os.PathLike]
+CHUNK_SECONDS = 30.0
+OVERLAP_SECONDS = 4.0
+
+
+class MambaSeparator(Pretrained):
+    """Separates speech with a trained masking model (DPMamba, Mamba-TasNet, Sepformer, ...) or SepMamba.
+
+    Load an inference folder written by
+    :func:`~speechbrain_mamba.inference.export_model` (or any ``from_hparams``
+    source whose ``hyperparams.yaml`` defines ``num_spks``, ``sample_rate`` and
+    ``modules``: ``encoder``/``masknet``/``decoder`` or ``model``) with
+    ``MambaSeparator.from_hparams(source=folder, run_opts={"device": "cuda",
+    "precision": "bf16"})``. The forward is the training one,
+    :func:`~speechbrain_mamba.separation.separator.separate_mixture`, under
+    ``torch.no_grad`` and the autocast of the ``precision`` run option
+    (fp32, bf16 or fp16).
+
+    Arguments
+    ---------
+    See ``speechbrain.inference.interfaces.Pretrained``.
+
+    Example
+    -------
+    >>> from speechbrain_mamba.lobes import SepMamba
+    >>> separator = MambaSeparator(modules={"model": SepMamba(dim=4, num_layers=1)},
+    ...                            hparams={"num_spks": 2, "sample_rate": 8000}, run_opts={"device": "cpu"})
+    >>> separator.separate_batch(torch.randn(1, 1000)).shape
+    torch.Size([1, 1000, 2])
+    >>> separator.separate_signal(torch.randn(4000), sample_rate=16000, chunk_seconds=0.1, overlap_seconds=0.03).shape
+    torch.Size([2000, 2])
+    """
+
+    HPARAMS_NEEDED = ["num_spks", "sample_rate"]
+
+    def separate_batch(self, mix: torch.Tensor) -> torch.Tensor:
+        """Separates a batch of mixtures at the model's sampling rate.
+
+        Arguments
+        ---------
+        mix : torch.Tensor
+            [batch, time] mixtures.
+
+        Returns
+        -------
+        torch.Tensor
+            [batch, time, num_spks] float32 estimates, on the model's device.
+        """
+        with torch.no_grad(), self.inference_ctx:
+            return separate_mixture(self.mods, mix.to(self.device), self.hparams.num_spks).float()
+
+    def forward(self, mix: torch.Tensor) -> torch.Tensor:
+        """Same as :meth:`separate_batch`."""
+        return self.separate_batch(mix)
+
+    def separate_signal(
+        self,
+        mixture: torch.Tensor,
+        sample_rate: int,
+        chunk_seconds: float = CHUNK_SECONDS,
+        overlap_seconds: float = OVERLAP_SECONDS,
+    ) -> torch.Tensor:
+        """Separates one recording of any length and sampling rate.
+
+        The mixture is checked (:func:`~speechbrain_mamba.inference.check_mixture`),
+        resampled to the model's rate and separated in overlapping chunks
+        (:func:`~speechbrain_mamba.inference.separate_in_chunks`), so that
+        memory does not grow with the length beyond the signals themselves.
+
+        Arguments
+        ---------
+        mixture : torch.Tensor
+            [time] mono waveform.
+        sample_rate : int
+            Its sampling rate in Hz.
+        chunk_seconds : float
+            Chunk length (0: the whole recording at once).
+        overlap_seconds : float
+            Overlap of consecutive chunks, where the speaker order is matched
+            and the chunks cross-faded; at most half a chunk.
+
+        Returns
+        -------
+        torch.Tensor
+            [time, num_spks] float32 estimates on the CPU, at the model's
+            sampling rate (``self.hparams.sample_rate``).
+        """
+        check_mixture(mixture, sample_rate)
+        model_rate = self.hparams.sample_rate
+        mixture = torchaudio.functional.resample(mixture.float().cpu(), sample_rate, model_rate)
+        return separate_in_chunks(
+            lambda chunk: self.separate_batch(chunk[None])[0].cpu(),
+            mixture,
+            chunk_length=round(chunk_seconds * model_rate),
+            overlap=round(overlap_seconds * model_rate),
+        )
+
+    def separate_file(
+        self, path: PathLike, chunk_seconds: float = CHUNK_SECONDS, overlap_seconds: float = OVERLAP_SECONDS
+    ) -> torch.Tensor:
+        """Separates an audio file (any format libsndfile reads, any rate, channels downmixed).
+
+        Arguments
+        ---------
+        path : str or os.PathLike
+            The mixture file (read by :func:`~speechbrain_mamba.inference.read_mixture`).
+        chunk_seconds, overlap_seconds : float
+            See :meth:`separate_signal`.
+
+        Returns
+        -------
+        torch.Tensor
+            [time, num_spks] estimates at the model's sampling rate.
+        """
+        mixture, sample_rate = read_mixture(path)
+        return self.separate_signal(mixture, sample_rate, chunk_seconds, overlap_seconds)
