@@ -14,7 +14,6 @@ Usage: python benchmarks/cpu_scan.py [--threads 2] [--output benchmarks/results/
 import argparse
 import json
 import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -22,6 +21,8 @@ import time
 from pathlib import Path
 
 import torch
+
+from bench_utils import RESULTS_DIR, machine_description, reset_peak_rss, status_kib
 
 SHAPES = {"intra": (34, 256, 16, 250), "inter": (250, 256, 16, 34)}  # batch, channels, N, length
 KEEP_FREED_MEMORY = "glibc.malloc.mmap_max=0:glibc.malloc.trim_threshold=68719476736"
@@ -53,28 +54,20 @@ def measure(shape: str, backend: str, mode: str, threads: int, repeats: int) -> 
             leaves = {k: v.clone().requires_grad_() for k, v in inputs.items()}
             selective_scan(**leaves, delta_softplus=True, backend=backend).sum().backward()
 
-    # Reset the process's peak RSS (Linux >= 4.0) so that only the scan counts.
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")
-    baseline = _status_kib("VmRSS")
+    baseline = reset_peak_rss()  # so that only the scan counts
     times = []
     for _ in range(repeats):
         start = time.perf_counter()
         run()
         times.append(time.perf_counter() - start)
-    peak = _status_kib("VmHWM")
+    peak = status_kib("VmHWM")
     return {"time_ms": 1e3 * statistics.median(times), "peak_mib": (peak - baseline) / 1024}
-
-
-def _status_kib(field: str) -> int:
-    with open("/proc/self/status") as f:
-        return next(int(line.split()[1]) for line in f if line.startswith(field + ":"))
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--output", type=Path, default=Path(__file__).parent / "results" / "cpu_scan.md")
+    parser.add_argument("--output", type=Path, default=RESULTS_DIR / "cpu_scan.md")
     parser.add_argument("--child", nargs=4, metavar=("SHAPE", "BACKEND", "MODE", "REPEATS"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
@@ -82,10 +75,7 @@ def main() -> None:
         print(json.dumps(measure(shape, backend, mode, args.threads, int(repeats))))
         return
 
-    machine = (
-        f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
-        f"{args.threads} threads, torch {torch.__version__}, Python {platform.python_version()}"
-    )
+    machine = machine_description(args.threads)
     print(f"# selective scan on CPU: {machine}", flush=True)
     rows = []
     for allocator, env_extra in (("default", {}), ("keep freed", {"GLIBC_TUNABLES": KEEP_FREED_MEMORY})):
