@@ -1,7 +1,8 @@
 """The one entry point of the selective scan, and the choice of its backend."""
 
+import functools
 import os
-from typing import Optional, Tuple, Union
+from typing import Callable, Optional, Tuple, Union
 
 import torch
 
@@ -10,9 +11,36 @@ from speechbrain_mamba.ops.scan_reference import selective_scan_reference
 from speechbrain_mamba.ops.scan_torch import selective_scan_torch
 
 BACKEND_ENV_VAR = "SPEECHBRAIN_MAMBA_SCAN_BACKEND"
+
+
+@functools.lru_cache(maxsize=None)
+def load_triton_scan() -> Optional[Callable]:
+    """Returns the Triton scan, or None when Triton cannot be imported.
+
+    Triton is imported on the first CUDA scan only, so that importing this
+    package (or scanning on the CPU) never loads it.
+    """
+    try:
+        from speechbrain_mamba.ops.scan_triton import selective_scan_triton
+    except ImportError:
+        return None
+    return selective_scan_triton
+
+
+def selective_scan_triton(
+    u, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_state, reverse
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Our Triton kernels (:mod:`speechbrain_mamba.ops.scan_triton`), imported on first use."""
+    scan_fn = load_triton_scan()
+    if scan_fn is None:
+        raise RuntimeError("backend='triton' needs the triton package (it ships with torch on Linux).")
+    return scan_fn(u, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_state, reverse)
+
+
 BACKENDS = {
     "reference": selective_scan_reference,
     "torch": selective_scan_torch,
+    "triton": selective_scan_triton,
     "mamba_ssm": selective_scan_mamba_ssm,
 }
 
@@ -23,14 +51,17 @@ def resolve_backend(
     """Names the backend a scan of ``u`` runs on.
 
     ``backend`` wins, then the environment variable
-    ``SPEECHBRAIN_MAMBA_SCAN_BACKEND``, then ``"auto"``: mamba-ssm's kernel for
-    CUDA tensors when it imports (and no initial state is given), else the
-    PyTorch implementation.
+    ``SPEECHBRAIN_MAMBA_SCAN_BACKEND``, then ``"auto"``: for CUDA tensors
+    mamba-ssm's kernel when it imports (and no initial state is given: on an
+    H100 it is still 1.3-4x faster than ours, benchmarks/results/gpu_scan_kernels.md),
+    else our Triton kernels when Triton imports; the PyTorch implementation otherwise.
     """
     name = backend or os.environ.get(BACKEND_ENV_VAR) or "auto"
     if name == "auto":
         if u.is_cuda and initial_state is None and load_mamba_ssm_scan() is not None:
             return "mamba_ssm"
+        if u.is_cuda and load_triton_scan() is not None:
+            return "triton"
         return "torch"
     if name not in BACKENDS:
         source = "backend" if backend else BACKEND_ENV_VAR
@@ -126,7 +157,7 @@ def selective_scan(
         Scan from the last frame to the first (the backward direction of a
         bidirectional model), without flipping any tensor.
     backend : str, optional
-        ``"auto"``, ``"torch"``, ``"reference"`` or ``"mamba_ssm"``; defaults to
+        ``"auto"``, ``"torch"``, ``"triton"``, ``"reference"`` or ``"mamba_ssm"``; defaults to
         the ``SPEECHBRAIN_MAMBA_SCAN_BACKEND`` environment variable, then auto.
 
     Returns

@@ -1,0 +1,680 @@
+"""Selective scan as Triton kernels: fused forward and backward, O(L / BLOCK_L) extra memory.
+
+Layout of the work: one program owns ``BLOCK_E`` channels of one sequence and
+walks the sequence in chunks of ``BLOCK_L`` frames. In a chunk it loads ``u,
+delta, z`` as ``(BLOCK_E, BLOCK_L)`` tiles, then, one state ``n`` at a time,
+forms ``dA = exp(dt A_n)`` and ``dt B_n u`` on that tile and scans it along time
+with ``tl.associative_scan`` and the pair combine ``(a1 a2, b1 a2 + b2)``; ``y``
+accumulates ``C_n h_n`` without any reduction, and the state leaving the chunk is
+carried to the next. ``dt = softplus(delta + delta_bias)``, the ``D`` skip and the
+``silu(z)`` gate are applied in the kernel; ``reverse`` reads the chunks and the
+frames inside them from the end, so no flipped copy is made.
+
+Training memory: the forward pass keeps only the state entering each chunk,
+``(batch, E, ceil(L / BLOCK_L), N)`` fp32; the backward pass recomputes the
+states of a chunk from it, then runs the adjoint recurrence
+``g_t = C_t dout_t + dA_{t+1} g_{t+1}`` through the chunk in the opposite
+order. Every term of the gradient that needs ``h_{t-1}`` needs it multiplied by
+``dA_t``, which is ``h_t - dt_t B_t u_t``: no shifted copy of the states is needed.
+
+Long sequences with few channels (SepMamba's stages) would leave most of the GPU
+idle with one program per channel block, so the time axis is also split into
+segments: a first launch scans every segment from a zero state and keeps only
+its total decay and end state; the main launch starts each segment from the
+state those summaries give. The backward pass does the same for the adjoint.
+
+Gradients of ``B`` and ``C`` sum over channels; each program adds its
+channel-block's share into an fp32 buffer with atomic adds (so their last bits
+vary from run to run). ``A``, ``D`` and ``delta_bias`` are summed likewise
+over the sequences.
+
+Speed on an H100 (benchmarks/results/gpu_scan_kernels.md): 2-19x the PyTorch
+backend, but 1.3-4x slower than mamba-ssm's CUDA kernel and at 1-8% of HBM
+bandwidth: the per-state loop is latency-bound (each state's carry goes through
+a layout conversion, and B_n/C_n loads are not prefetched). Those are the next
+things to remove.
+"""
+
+import os
+from dataclasses import dataclass, replace
+from typing import Optional, Tuple
+
+import torch
+import triton
+import triton.language as tl
+
+_LOG2E = tl.constexpr(1.4426950408889634)
+_LN2 = tl.constexpr(0.6931471805599453)
+
+
+@dataclass(frozen=True)
+class ScanConfig:
+    """Tile sizes and launch shape of the Triton scan.
+
+    Arguments
+    ---------
+    block_e : int
+        Channels per program (a power of two; lowered to divide the channels
+        of a B/C group).
+    block_l : int
+        Frames per chunk (a power of two; lowered to the next power of two
+        of short sequences).
+    num_warps : int
+        Warps per program.
+    min_programs : int
+        Split the sequence into segments until about this many programs run;
+        0 never splits.
+    min_segment_chunks : int
+        Fewest chunks in one segment.
+    sequential_min_programs : int
+        Forward pass: walk time frame by frame (``_scan_fwd_sequential_kernel``)
+        when there are at least this many (sequence, channel block) programs to
+        keep the GPU busy without splitting time; 0 never does.
+    sequential_block_e : int
+        Channels per program of the frame-by-frame forward kernel.
+    """
+
+    block_e: int = 16
+    block_l: int = 32
+    num_warps: int = 4
+    min_programs: int = 1024
+    min_segment_chunks: int = 4
+    sequential_min_programs: int = 512
+    sequential_block_e: int = 16
+
+
+# Tiles measured best for forward + backward on DPMamba's and SepMamba's shapes (H100, see
+# benchmarks/gpu_scan_kernels.py --sweep): few lanes along time keep the scan's shuffles few.
+FORWARD_CONFIG = ScanConfig()
+# The backward pass reuses the forward pass's chunks: its block_l is not read.
+BACKWARD_CONFIG = ScanConfig()
+
+
+@triton.jit
+def _pair_combine(a_prev, b_prev, a_next, b_next):
+    # (a_prev, b_prev) then (a_next, b_next): h -> a_next (a_prev h + b_prev) + b_next.
+    return a_prev * a_next, b_prev * a_next + b_next
+
+
+@triton.jit
+def _dt(delta, bias, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr):
+    """dt = softplus(delta + bias) in fp32, and d dt / d delta."""
+    if HAS_BIAS:
+        delta = delta + bias[:, None]
+    if SOFTPLUS:
+        # max(x, 0) + log(1 + exp(-|x|)), in base 2 for the fast hardware units.
+        dt = tl.maximum(delta, 0.0) + _LN2 * tl.log2(1.0 + tl.exp2(-tl.abs(delta) * _LOG2E))
+        slope = 1.0 / (1.0 + tl.exp2(-delta * _LOG2E))
+    else:
+        dt = delta
+        slope = tl.full(delta.shape, 1.0, tl.float32)
+    return dt, slope
+
+
+@triton.jit
+def _last(tile, offs_l, position):
+    """Column ``position`` of a ``(BLOCK_E, BLOCK_L)`` tile."""
+    return tl.sum(tl.where(offs_l[None, :] == position, tile, 0.0), axis=1)
+
+
+@triton.jit
+def _state_column(states, offs_n, n):
+    """State ``n`` of a ``(BLOCK_E, BLOCK_N)`` tile of states."""
+    return tl.sum(tl.where(offs_n[None, :] == n, states, 0.0), axis=1)
+
+
+@triton.jit
+def _set_state_column(states, offs_n, n, column):
+    return tl.where(offs_n[None, :] == n, column[:, None], states)
+
+
+@triton.jit
+def _scan_fwd_kernel(
+    u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, h0_ptr,
+    y_ptr, last_ptr, chunk_ptr, seg_decay_ptr, seg_state_ptr,
+    E, L, per_group, num_eblocks, num_chunks, chunks_per_seg, num_seg,
+    su_b, su_e, su_l, sd_b, sd_e, sd_l, sz_b, sz_e, sz_l,
+    sB_b, sB_g, sB_n, sB_l, sC_b, sC_g, sC_n, sC_l,
+    N: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_L: tl.constexpr,
+    HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_H0: tl.constexpr,
+    SOFTPLUS: tl.constexpr, REVERSE: tl.constexpr, SUMMARY: tl.constexpr, STORE_CHUNKS: tl.constexpr,
+):
+    """Forward scan of one channel block over one segment of one sequence.
+
+    ``SUMMARY``: scan the segment from a zero state and store only its total
+    decay and end state. Otherwise start from the state the earlier segments'
+    summaries give, store ``y``, the chunk-entering states (``STORE_CHUNKS``)
+    and, in the last segment, the last state.
+    """
+    pid = tl.program_id(0)
+    pid_e = pid % num_eblocks
+    pid_b = pid // num_eblocks
+    seg = tl.program_id(1)
+
+    offs_e = pid_e * BLOCK_E + tl.arange(0, BLOCK_E)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_l = tl.arange(0, BLOCK_L)
+    en_mask = (offs_n < N)[None, :]
+    group = (pid_e * BLOCK_E) // per_group
+    LAST: tl.constexpr = 0 if REVERSE else BLOCK_L - 1
+
+    bias = tl.zeros([BLOCK_E], tl.float32)
+    if HAS_BIAS:
+        bias = tl.load(bias_ptr + offs_e).to(tl.float32)
+    if HAS_D:
+        D = tl.load(D_ptr + offs_e).to(tl.float32)
+
+    u_row = u_ptr + pid_b * su_b + offs_e[:, None] * su_e
+    d_row = delta_ptr + pid_b * sd_b + offs_e[:, None] * sd_e
+    z_row = z_ptr + pid_b * sz_b + offs_e[:, None] * sz_e
+    y_row = y_ptr + (pid_b * E + offs_e[:, None]) * L
+    B_seq = B_ptr + pid_b * sB_b + group * sB_g
+    C_seq = C_ptr + pid_b * sC_b + group * sC_g
+    state_offs = (pid_b * E + offs_e[:, None]) * N + offs_n[None, :]
+
+    # States are carried between chunks as a (BLOCK_E, BLOCK_N) tile.
+    state = tl.zeros([BLOCK_E, BLOCK_N], tl.float32)
+    decay = tl.full([BLOCK_E, BLOCK_N], 1.0, tl.float32)
+    if not SUMMARY:
+        if HAS_H0:
+            state = tl.load(h0_ptr + state_offs, mask=en_mask, other=0.0).to(tl.float32)
+        # Summaries of the earlier segments, in scan order.
+        for j in range(0, seg):
+            seg_offs = ((pid_b * E + offs_e[:, None]) * num_seg + j) * N + offs_n[None, :]
+            state = tl.load(seg_decay_ptr + seg_offs, mask=en_mask, other=1.0) * state + tl.load(
+                seg_state_ptr + seg_offs, mask=en_mask, other=0.0
+            )
+
+    k_begin = seg * chunks_per_seg
+    k_end = tl.minimum(k_begin + chunks_per_seg, num_chunks)
+    for k in range(k_begin, k_end):
+        if STORE_CHUNKS:
+            tl.store(chunk_ptr + ((pid_b * E + offs_e[:, None]) * num_chunks + k) * N + offs_n[None, :],
+                     state, mask=en_mask)
+        if REVERSE:
+            t = L - (k + 1) * BLOCK_L + offs_l
+        else:
+            t = k * BLOCK_L + offs_l
+        mask_t = (t >= 0) & (t < L)
+        mask_et = mask_t[None, :]
+        u = tl.load(u_row + t[None, :] * su_l, mask=mask_et, other=0.0).to(tl.float32)
+        delta = tl.load(d_row + t[None, :] * sd_l, mask=mask_et, other=0.0).to(tl.float32)
+        dt, _ = _dt(delta, bias, HAS_BIAS, SOFTPLUS)
+        dt = tl.where(mask_et, dt, 0.0)  # padding frames: dA = 1, no input
+        dtu = dt * u
+        out = tl.zeros([BLOCK_E, BLOCK_L], tl.float32)
+        # One (BLOCK_E, BLOCK_L) scan per state: the frames of a thread are contiguous,
+        # so most of the scan runs inside threads, and y needs no reduction.
+        for n in range(N):
+            A_n = tl.load(A_ptr + offs_e * N + n).to(tl.float32) * _LOG2E
+            B_n = tl.load(B_seq + n * sB_n + t * sB_l, mask=mask_t, other=0.0).to(tl.float32)
+            dA = tl.exp2(dt * A_n[:, None])
+            dA_cum, h = tl.associative_scan((dA, dtu * B_n[None, :]), 1, _pair_combine, reverse=REVERSE)
+            h = dA_cum * _state_column(state, offs_n, n)[:, None] + h
+            state = _set_state_column(state, offs_n, n, _last(h, offs_l, LAST))
+            if SUMMARY:
+                decay = _set_state_column(decay, offs_n, n,
+                                          _state_column(decay, offs_n, n) * _last(dA_cum, offs_l, LAST))
+            else:
+                C_n = tl.load(C_seq + n * sC_n + t * sC_l, mask=mask_t, other=0.0).to(tl.float32)
+                out += h * C_n[None, :]
+        if not SUMMARY:
+            if HAS_D:
+                out += D[:, None] * u
+            if HAS_Z:
+                z = tl.load(z_row + t[None, :] * sz_l, mask=mask_et, other=0.0).to(tl.float32)
+                out = out * z / (1.0 + tl.exp2(-z * _LOG2E))
+            tl.store(y_row + t[None, :], out.to(y_ptr.dtype.element_ty), mask=mask_et)
+
+    if SUMMARY:
+        seg_offs = ((pid_b * E + offs_e[:, None]) * num_seg + seg) * N + offs_n[None, :]
+        tl.store(seg_decay_ptr + seg_offs, decay, mask=en_mask)
+        tl.store(seg_state_ptr + seg_offs, state, mask=en_mask)
+    elif seg == num_seg - 1:
+        tl.store(last_ptr + state_offs, state, mask=en_mask)
+
+
+@triton.jit
+def _scan_fwd_sequential_kernel(
+    u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, h0_ptr,
+    y_ptr, last_ptr, chunk_ptr,
+    E, L, per_group, num_eblocks, num_chunks,
+    su_b, su_e, su_l, sd_b, sd_e, sd_l, sz_b, sz_e, sz_l,
+    sB_b, sB_g, sB_n, sB_l, sC_b, sC_g, sC_n, sC_l,
+    N: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_L: tl.constexpr,
+    HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_H0: tl.constexpr,
+    SOFTPLUS: tl.constexpr, REVERSE: tl.constexpr, STORE_CHUNKS: tl.constexpr,
+):
+    """Forward scan of one channel block of one sequence, one frame at a time.
+
+    The ``(BLOCK_E, N)`` state stays in registers and each frame is read once:
+    no scan tree, no per-state loop. The ``BLOCK_L`` frames of a chunk are
+    unrolled, so their loads (which do not depend on the state) are issued
+    ahead of the arithmetic. Same outputs, chunk-entering states included, as
+    ``_scan_fwd_kernel``; it needs many programs (sequences x channel blocks)
+    to hide memory latency, which DPMamba's intra and inter scans have.
+    """
+    pid = tl.program_id(0)
+    pid_e = pid % num_eblocks
+    pid_b = pid // num_eblocks
+    offs_e = pid_e * BLOCK_E + tl.arange(0, BLOCK_E)
+    offs_n = tl.arange(0, BLOCK_N)
+    n_mask = offs_n < N
+    en_mask = n_mask[None, :]
+    group = (pid_e * BLOCK_E) // per_group
+
+    bias = tl.zeros([BLOCK_E], tl.float32)
+    if HAS_BIAS:
+        bias = tl.load(bias_ptr + offs_e).to(tl.float32)
+    if HAS_D:
+        D = tl.load(D_ptr + offs_e).to(tl.float32)
+    A2 = tl.load(A_ptr + offs_e[:, None] * N + offs_n[None, :], mask=en_mask, other=0.0).to(tl.float32) * _LOG2E
+
+    u_row = u_ptr + pid_b * su_b + offs_e * su_e
+    d_row = delta_ptr + pid_b * sd_b + offs_e * sd_e
+    z_row = z_ptr + pid_b * sz_b + offs_e * sz_e
+    y_row = y_ptr + (pid_b * E + offs_e) * L
+    B_seq = B_ptr + pid_b * sB_b + group * sB_g + offs_n * sB_n
+    C_seq = C_ptr + pid_b * sC_b + group * sC_g + offs_n * sC_n
+    state_offs = (pid_b * E + offs_e[:, None]) * N + offs_n[None, :]
+
+    state = tl.zeros([BLOCK_E, BLOCK_N], tl.float32)
+    if HAS_H0:
+        state = tl.load(h0_ptr + state_offs, mask=en_mask, other=0.0).to(tl.float32)
+    for k in range(0, num_chunks):
+        if STORE_CHUNKS:
+            tl.store(chunk_ptr + ((pid_b * E + offs_e[:, None]) * num_chunks + k) * N + offs_n[None, :],
+                     state, mask=en_mask)
+        for i in tl.static_range(BLOCK_L):
+            if REVERSE:
+                t = L - 1 - k * BLOCK_L - i
+            else:
+                t = k * BLOCK_L + i
+            valid = (t >= 0) & (t < L)
+            u = tl.load(u_row + t * su_l, mask=valid, other=0.0).to(tl.float32)
+            delta = tl.load(d_row + t * sd_l, mask=valid, other=0.0).to(tl.float32)
+            B_t = tl.load(B_seq + t * sB_l, mask=n_mask & valid, other=0.0).to(tl.float32)
+            C_t = tl.load(C_seq + t * sC_l, mask=n_mask & valid, other=0.0).to(tl.float32)
+            dt, _ = _dt(delta[:, None], bias, HAS_BIAS, SOFTPLUS)
+            dt = tl.where(valid, dt, 0.0)  # padding frames: dA = 1, no input
+            state = tl.exp2(dt * A2) * state + (dt * u[:, None]) * B_t[None, :]
+            out = tl.sum(state * C_t[None, :], axis=1)
+            if HAS_D:
+                out += D * u
+            if HAS_Z:
+                z = tl.load(z_row + t * sz_l, mask=valid, other=0.0).to(tl.float32)
+                out = out * z / (1.0 + tl.exp2(-z * _LOG2E))
+            tl.store(y_row + t, out.to(y_ptr.dtype.element_ty), mask=valid)
+    tl.store(last_ptr + state_offs, state, mask=en_mask)
+
+
+@triton.jit
+def _scan_bwd_kernel(
+    u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, dy_ptr, dlast_ptr, chunk_ptr,
+    seg_decay_ptr, seg_grad_ptr,
+    du_ptr, ddelta_ptr, dA_ptr, dB_ptr, dC_ptr, dD_ptr, dz_ptr, dbias_ptr, dh0_ptr,
+    E, L, per_group, groups, num_eblocks, num_chunks, chunks_per_seg, num_seg,
+    su_b, su_e, su_l, sd_b, sd_e, sd_l, sz_b, sz_e, sz_l, sy_b, sy_e, sy_l,
+    sB_b, sB_g, sB_n, sB_l, sC_b, sC_g, sC_n, sC_l,
+    N: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_L: tl.constexpr,
+    HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_DLAST: tl.constexpr,
+    SOFTPLUS: tl.constexpr, REVERSE: tl.constexpr, SUMMARY: tl.constexpr, STORE_DH0: tl.constexpr,
+):
+    """Backward pass of one channel block over one segment of one sequence.
+
+    The adjoint is carried between chunks as ``q = dA_first * g_first``, the
+    gradient of the state entering a chunk. ``SUMMARY``: run the adjoint alone
+    through the segment from ``q = 0`` and store its total decay and resulting
+    ``q``. Otherwise start from the ``q`` the later segments give and compute
+    every gradient.
+    """
+    pid = tl.program_id(0)
+    pid_e = pid % num_eblocks
+    pid_b = pid // num_eblocks
+    seg = tl.program_id(1)
+
+    offs_e = pid_e * BLOCK_E + tl.arange(0, BLOCK_E)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_l = tl.arange(0, BLOCK_L)
+    en_mask = (offs_n < N)[None, :]
+    group = (pid_e * BLOCK_E) // per_group
+    FIRST: tl.constexpr = BLOCK_L - 1 if REVERSE else 0
+    # The frame after each frame in scan order, if it lies in the same chunk.
+    STEP: tl.constexpr = -1 if REVERSE else 1
+    offs_next = offs_l + STEP
+    next_in_chunk = (offs_next >= 0) & (offs_next < BLOCK_L)
+
+    bias = tl.zeros([BLOCK_E], tl.float32)
+    if HAS_BIAS:
+        bias = tl.load(bias_ptr + offs_e).to(tl.float32)
+    if HAS_D:
+        D = tl.load(D_ptr + offs_e).to(tl.float32)
+
+    u_row = u_ptr + pid_b * su_b + offs_e[:, None] * su_e
+    d_row = delta_ptr + pid_b * sd_b + offs_e[:, None] * sd_e
+    z_row = z_ptr + pid_b * sz_b + offs_e[:, None] * sz_e
+    dy_row = dy_ptr + pid_b * sy_b + offs_e[:, None] * sy_e
+    out_row = (pid_b * E + offs_e[:, None]) * L  # du, ddelta, dz are contiguous
+    B_seq = B_ptr + pid_b * sB_b + group * sB_g
+    C_seq = C_ptr + pid_b * sC_b + group * sC_g
+    bc_grad_seq = (pid_b * groups + group) * N * L  # dB, dC: contiguous fp32
+    chunk_row = chunk_ptr + (pid_b * E + offs_e) * num_chunks * N
+    state_offs = (pid_b * E + offs_e[:, None]) * N + offs_n[None, :]
+
+    q = tl.zeros([BLOCK_E, BLOCK_N], tl.float32)
+    decay = tl.full([BLOCK_E, BLOCK_N], 1.0, tl.float32)
+    if not SUMMARY:
+        if HAS_DLAST:
+            q = tl.load(dlast_ptr + state_offs, mask=en_mask, other=0.0).to(tl.float32)
+        # Later segments (in scan order) pass their adjoint back to this one.
+        for i in range(0, num_seg - 1 - seg):
+            j = num_seg - 1 - i
+            seg_offs = ((pid_b * E + offs_e[:, None]) * num_seg + j) * N + offs_n[None, :]
+            q = tl.load(seg_decay_ptr + seg_offs, mask=en_mask, other=1.0) * q + tl.load(
+                seg_grad_ptr + seg_offs, mask=en_mask, other=0.0
+            )
+    grad_A = tl.zeros([BLOCK_E, BLOCK_N], tl.float32)
+    grad_D = tl.zeros([BLOCK_E], tl.float32)
+    grad_bias = tl.zeros([BLOCK_E], tl.float32)
+
+    k_begin = seg * chunks_per_seg
+    k_end = tl.minimum(k_begin + chunks_per_seg, num_chunks)
+    for i in range(0, k_end - k_begin):
+        k = k_end - 1 - i
+        if REVERSE:
+            start = L - (k + 1) * BLOCK_L
+        else:
+            start = k * BLOCK_L
+        t = start + offs_l
+        mask_t = (t >= 0) & (t < L)
+        mask_et = mask_t[None, :]
+        t_next = start + offs_next
+        mask_next = (next_in_chunk & (t_next >= 0) & (t_next < L))[None, :]
+
+        delta = tl.load(d_row + t[None, :] * sd_l, mask=mask_et, other=0.0).to(tl.float32)
+        dt, slope = _dt(delta, bias, HAS_BIAS, SOFTPLUS)
+        dt = tl.where(mask_et, dt, 0.0)
+        delta_next = tl.load(d_row + t_next[None, :] * sd_l, mask=mask_next, other=0.0).to(tl.float32)
+        dt_next, _ = _dt(delta_next, bias, HAS_BIAS, SOFTPLUS)
+        dt_next = tl.where(mask_next, dt_next, 0.0)  # dA_next = 1 at the chunk's end
+        dy = tl.load(dy_row + t[None, :] * sy_l, mask=mask_et, other=0.0).to(tl.float32)
+        if HAS_Z:
+            z = tl.load(z_row + t[None, :] * sz_l, mask=mask_et, other=0.0).to(tl.float32)
+            sig_z = 1.0 / (1.0 + tl.exp2(-z * _LOG2E))
+            dout = dy * z * sig_z
+        else:
+            dout = dy
+        if not SUMMARY:
+            u = tl.load(u_row + t[None, :] * su_l, mask=mask_et, other=0.0).to(tl.float32)
+            dtu = dt * u
+            g_B = tl.zeros([BLOCK_E, BLOCK_L], tl.float32)  # sum_n g B
+            g_decay = tl.zeros([BLOCK_E, BLOCK_L], tl.float32)  # sum_n g A dA h_prev
+            out = tl.zeros([BLOCK_E, BLOCK_L], tl.float32)  # sum_n C h
+        for n in range(N):
+            A_n = tl.load(A_ptr + offs_e * N + n).to(tl.float32)
+            C_n = tl.load(C_seq + n * sC_n + t * sC_l, mask=mask_t, other=0.0).to(tl.float32)
+            dA = tl.exp2(dt * (A_n * _LOG2E)[:, None])
+            dA_next = tl.exp2(dt_next * (A_n * _LOG2E)[:, None])
+            # Adjoint through the chunk, against scan order: g_t = C_t dout_t + dA_{t+1} g_{t+1}.
+            g_cum, g = tl.associative_scan((dA_next, dout * C_n[None, :]), 1, _pair_combine,
+                                           reverse=not REVERSE)
+            g = g_cum * _state_column(q, offs_n, n)[:, None] + g
+            q = _set_state_column(q, offs_n, n, _last(g * dA, offs_l, FIRST))
+            if SUMMARY:
+                decay = _set_state_column(decay, offs_n, n,
+                                          _state_column(decay, offs_n, n) * _last(dA * g_cum, offs_l, FIRST))
+            else:
+                B_n = tl.load(B_seq + n * sB_n + t * sB_l, mask=mask_t, other=0.0).to(tl.float32)
+                h_in = tl.load(chunk_row + k * N + n)
+                drive = dtu * B_n[None, :]
+                h_cum, h = tl.associative_scan((dA, drive), 1, _pair_combine, reverse=REVERSE)
+                h = h_cum * h_in[:, None] + h
+                # dA_t * h_{t-1} = h_t - drive_t: the part of the state that came through the decay.
+                g_decayed = g * (h - drive)
+                g_B += g * B_n[None, :]
+                g_decay += g_decayed * A_n[:, None]
+                grad_A = _set_state_column(grad_A, offs_n, n,
+                                           _state_column(grad_A, offs_n, n) + tl.sum(g_decayed * dt, axis=1))
+                if HAS_Z:
+                    out += h * C_n[None, :]
+                tl.atomic_add(dB_ptr + bc_grad_seq + n * L + t, tl.sum(g * dtu, axis=0), mask=mask_t)
+                tl.atomic_add(dC_ptr + bc_grad_seq + n * L + t, tl.sum(h * dout, axis=0), mask=mask_t)
+        if not SUMMARY:
+            grad_delta = tl.where(mask_et, (u * g_B + g_decay) * slope, 0.0)
+            grad_bias += tl.sum(grad_delta, axis=1)
+            grad_u = dt * g_B
+            if HAS_D:
+                grad_u += D[:, None] * dout
+                grad_D += tl.sum(dout * u, axis=1)
+            if HAS_Z:
+                if HAS_D:
+                    out += D[:, None] * u
+                grad_z = dy * out * sig_z * (1.0 + z * (1.0 - sig_z))
+                tl.store(dz_ptr + out_row + t[None, :], grad_z.to(dz_ptr.dtype.element_ty), mask=mask_et)
+            tl.store(du_ptr + out_row + t[None, :], grad_u.to(du_ptr.dtype.element_ty), mask=mask_et)
+            tl.store(ddelta_ptr + out_row + t[None, :], grad_delta.to(ddelta_ptr.dtype.element_ty),
+                     mask=mask_et)
+
+    if SUMMARY:
+        seg_offs = ((pid_b * E + offs_e[:, None]) * num_seg + seg) * N + offs_n[None, :]
+        tl.store(seg_decay_ptr + seg_offs, decay, mask=en_mask)
+        tl.store(seg_grad_ptr + seg_offs, q, mask=en_mask)
+    else:
+        tl.atomic_add(dA_ptr + offs_e[:, None] * N + offs_n[None, :], grad_A, mask=en_mask)
+        if HAS_D:
+            tl.atomic_add(dD_ptr + offs_e, grad_D)
+        if HAS_BIAS:
+            tl.atomic_add(dbias_ptr + offs_e, grad_bias)
+        if STORE_DH0:
+            if seg == 0:
+                tl.store(dh0_ptr + state_offs, q, mask=en_mask)
+
+
+def _pow2_divisor(n: int, cap: int) -> int:
+    """Largest power of two that divides ``n`` and is at most ``cap``."""
+    return min(n & -n, cap)
+
+
+@dataclass(frozen=True)
+class _Launch:
+    block_e: int
+    block_l: int
+    block_n: int
+    num_warps: int
+    num_eblocks: int
+    num_chunks: int
+    chunks_per_seg: int
+    num_seg: int
+
+
+def _plan(batch: int, channels: int, length: int, state: int, per_group: int, config: ScanConfig) -> _Launch:
+    block_e = _pow2_divisor(per_group, config.block_e)
+    # Fewest padded frames, counting each chunk's fixed cost as 16 frames (129 frames: 3 chunks of 64,
+    # not 2 of 128); ties go to the longer chunk.
+    sizes = [2**i for i in range(4, config.block_l.bit_length()) if 2**i <= config.block_l] or [config.block_l]
+    block_l = min(reversed(sizes), key=lambda size: triton.cdiv(length, size) * (size + 16))
+    num_eblocks = channels // block_e
+    num_chunks = triton.cdiv(length, block_l)
+    programs = batch * num_eblocks
+    num_seg = 1
+    if config.min_programs and programs < config.min_programs:
+        wanted = triton.cdiv(config.min_programs, programs)
+        num_seg = max(1, min(wanted, num_chunks // max(1, config.min_segment_chunks)))
+    chunks_per_seg = triton.cdiv(num_chunks, num_seg)
+    num_seg = triton.cdiv(num_chunks, chunks_per_seg)
+    return _Launch(block_e, block_l, triton.next_power_of_2(state), config.num_warps, num_eblocks,
+                   num_chunks, chunks_per_seg, num_seg)
+
+
+def _strides3(t: Optional[torch.Tensor], like: torch.Tensor) -> Tuple[int, int, int]:
+    return tuple((t if t is not None else like).stride())
+
+
+def _forward(u, delta, A, B, C, D, z, delta_bias, initial_state, softplus, reverse, store_chunks, config):
+    batch, channels, length = u.shape
+    groups, state = B.shape[1], A.shape[1]
+    plan = _plan(batch, channels, length, state, channels // groups, config)
+    f32 = dict(dtype=torch.float32, device=u.device)
+    y = torch.empty(batch, channels, length, dtype=u.dtype, device=u.device)
+    last = torch.empty(batch, channels, state, **f32)
+    chunks = torch.empty(batch, channels, plan.num_chunks if store_chunks else 0, state, **f32)
+    A = A.contiguous()
+    inputs = [
+        u, delta, A, B, C,
+        u if D is None else D.contiguous(), u if z is None else z,
+        u if delta_bias is None else delta_bias.contiguous(),
+        u if initial_state is None else initial_state.contiguous(),
+    ]
+    strides = [*u.stride(), *delta.stride(), *_strides3(z, u), *B.stride(), *C.stride()]
+    flags = dict(
+        N=state, BLOCK_N=plan.block_n, BLOCK_L=plan.block_l,
+        HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=delta_bias is not None,
+        HAS_H0=initial_state is not None, SOFTPLUS=softplus, REVERSE=reverse,
+    )
+    per_group = channels // groups
+    sequential_block_e = _pow2_divisor(per_group, config.sequential_block_e)
+    sequential_programs = batch * (channels // sequential_block_e)
+    if config.sequential_min_programs and sequential_programs >= config.sequential_min_programs:
+        _scan_fwd_sequential_kernel[(sequential_programs,)](
+            *inputs, y, last, chunks, channels, length, per_group, channels // sequential_block_e,
+            plan.num_chunks, *strides, BLOCK_E=sequential_block_e, STORE_CHUNKS=store_chunks, num_warps=1,
+            **flags,
+        )
+        return y, last, chunks, plan
+    seg_decay = torch.empty(batch, channels, plan.num_seg, state, **f32)
+    seg_state = torch.empty_like(seg_decay)
+    args = [
+        *inputs, y, last, chunks, seg_decay, seg_state, channels, length, per_group, plan.num_eblocks,
+        plan.num_chunks, plan.chunks_per_seg, plan.num_seg, *strides,
+    ]
+    grid = (batch * plan.num_eblocks, plan.num_seg)
+    flags.update(BLOCK_E=plan.block_e, num_warps=plan.num_warps)
+    if plan.num_seg > 1:
+        _scan_fwd_kernel[grid](*args, SUMMARY=True, STORE_CHUNKS=False, **flags)
+    _scan_fwd_kernel[grid](*args, SUMMARY=False, STORE_CHUNKS=store_chunks, **flags)
+    return y, last, chunks, plan
+
+
+def _backward(u, delta, A, B, C, D, z, delta_bias, dy, dlast, chunks, fwd_plan, softplus, reverse, want_dh0,
+              config):
+    batch, channels, length = u.shape
+    groups, state = B.shape[1], A.shape[1]
+    # The chunk-entering states were stored at the forward pass's chunk size.
+    plan = _plan(batch, channels, length, state, channels // groups, replace(config, block_l=fwd_plan.block_l))
+    f32 = dict(dtype=torch.float32, device=u.device)
+    du = torch.empty(batch, channels, length, dtype=u.dtype, device=u.device)
+    ddelta = torch.empty(batch, channels, length, dtype=delta.dtype, device=u.device)
+    dz = None if z is None else torch.empty(batch, channels, length, dtype=z.dtype, device=u.device)
+    dA = torch.zeros(channels, state, **f32)
+    dB = torch.zeros(batch, groups, state, length, **f32)
+    dC = torch.zeros_like(dB)
+    dD = None if D is None else torch.zeros(channels, **f32)
+    dbias = None if delta_bias is None else torch.zeros(channels, **f32)
+    dh0 = torch.empty(batch, channels, state, **f32) if want_dh0 else None
+    seg_decay = torch.empty(batch, channels, plan.num_seg, state, **f32)
+    seg_grad = torch.empty_like(seg_decay)
+    args = [
+        u, delta, A.contiguous(), B, C,
+        u if D is None else D.contiguous(), u if z is None else z,
+        u if delta_bias is None else delta_bias.contiguous(),
+        dy, u if dlast is None else dlast.contiguous(), chunks, seg_decay, seg_grad,
+        du, ddelta, dA, dB, dC, dA if dD is None else dD, du if dz is None else dz,
+        dA if dbias is None else dbias, dA if dh0 is None else dh0,
+        channels, length, channels // groups, groups, plan.num_eblocks, plan.num_chunks, plan.chunks_per_seg,
+        plan.num_seg, *u.stride(), *delta.stride(), *_strides3(z, u), *dy.stride(), *B.stride(), *C.stride(),
+    ]
+    flags = dict(
+        N=state, BLOCK_N=plan.block_n, BLOCK_E=plan.block_e, BLOCK_L=plan.block_l,
+        HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=delta_bias is not None,
+        HAS_DLAST=dlast is not None, SOFTPLUS=softplus, REVERSE=reverse, STORE_DH0=want_dh0,
+        num_warps=plan.num_warps,
+    )
+    grid = (batch * plan.num_eblocks, plan.num_seg)
+    if plan.num_seg > 1:
+        _scan_bwd_kernel[grid](*args, SUMMARY=True, **flags)
+    _scan_bwd_kernel[grid](*args, SUMMARY=False, **flags)
+    return du, ddelta, dA, dB, dC, dD, dz, dbias, dh0
+
+
+class _TritonScan(torch.autograd.Function):
+    """Autograd wrapper: the forward keeps the chunk-entering states, the backward recomputes the rest."""
+
+    @staticmethod
+    def forward(ctx, u, delta, A, B, C, D, z, delta_bias, initial_state, softplus, reverse, fwd_config,
+                bwd_config):
+        ctx.set_materialize_grads(False)
+        store = any(ctx.needs_input_grad[:9])
+        y, last, chunks, plan = _forward(u, delta, A, B, C, D, z, delta_bias, initial_state, softplus, reverse,
+                                         store, fwd_config)
+        if store:
+            ctx.save_for_backward(u, delta, A, B, C, D, z, delta_bias, chunks)
+            ctx.plan, ctx.softplus, ctx.reverse, ctx.bwd_config = plan, softplus, reverse, bwd_config
+            ctx.h0_dtype = None if initial_state is None else initial_state.dtype
+        return y, last
+
+    @staticmethod
+    def backward(ctx, dy, dlast):
+        u, delta, A, B, C, D, z, delta_bias, chunks = ctx.saved_tensors
+        if dy is None:
+            dy = torch.zeros_like(u)
+        want_dh0 = ctx.needs_input_grad[8]
+        du, ddelta, dA, dB, dC, dD, dz, dbias, dh0 = _backward(
+            u, delta, A, B, C, D, z, delta_bias, dy, dlast, chunks, ctx.plan, ctx.softplus, ctx.reverse,
+            want_dh0, ctx.bwd_config,
+        )
+        cast = lambda grad, like: None if grad is None else grad.to(like.dtype)  # noqa: E731
+        return (
+            du, ddelta, dA.to(A.dtype), dB.to(B.dtype), dC.to(C.dtype), cast(dD, D), dz, cast(dbias, delta_bias),
+            None if dh0 is None else dh0.to(ctx.h0_dtype), None, None, None, None,
+        )
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def selective_scan_triton(
+    u: torch.Tensor,
+    delta: torch.Tensor,
+    A: torch.Tensor,
+    B: torch.Tensor,
+    C: torch.Tensor,
+    D: Optional[torch.Tensor],
+    z: Optional[torch.Tensor],
+    delta_bias: Optional[torch.Tensor],
+    delta_softplus: bool,
+    initial_state: Optional[torch.Tensor],
+    reverse: bool,
+    forward_config: Optional[ScanConfig] = None,
+    backward_config: Optional[ScanConfig] = None,
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Triton implementation of :func:`speechbrain_mamba.ops.selective_scan`.
+
+    Arguments are those of ``selective_scan`` with ``B`` and ``C`` shaped
+    ``(batch, groups, N, L)``; any strides are read as they are. Every input
+    gets its gradient, ``initial_state`` and the last state included.
+
+    Arguments
+    ---------
+    u, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_state, reverse
+        As in ``selective_scan``.
+    forward_config, backward_config : ScanConfig, optional
+        Tile sizes (defaults: ``FORWARD_CONFIG``, ``BACKWARD_CONFIG``).
+
+    Returns
+    -------
+    (y, last_state): ``y`` in ``u``'s dtype, ``last_state`` in fp32.
+    """
+    if not u.is_cuda and not _interpreting():
+        raise ValueError(f"backend='triton' runs on CUDA tensors only; u is on {u.device}.")
+    for tensor in (u, delta, z, B, C):
+        # Offsets are 32-bit inside the kernels.
+        if tensor is not None and sum((n - 1) * abs(s) for n, s in zip(tensor.shape, tensor.stride())) >= 2**31:
+            raise ValueError("backend='triton' indexes with 32-bit offsets; this input is too large.")
+    return _TritonScan.apply(
+        u, delta, A, B, C, D, z, delta_bias, initial_state, bool(delta_softplus), bool(reverse),
+        forward_config or FORWARD_CONFIG, backward_config or BACKWARD_CONFIG,
+    )
+
+
+__all__ = ["BACKWARD_CONFIG", "FORWARD_CONFIG", "ScanConfig", "selective_scan_triton"]

@@ -1,0 +1,169 @@
+"""The Triton scan's kernel logic on the CPU, through Triton's interpreter (``TRITON_INTERPRET=1``).
+
+Triton reads ``TRITON_INTERPRET`` when its ``@triton.jit`` decorators run (its
+own library functions included), so the fixture imports fresh copies of triton
+and of the kernel module with the variable set, and puts the modules it found
+back afterwards (a GPU test in the same session then compiles the kernels for
+real). Tiles are tiny (2 channels x 8 frames) so that a few frames
+already cross chunk and segment boundaries.
+"""
+
+import importlib
+import importlib.util
+import os
+import sys
+
+import pytest
+import torch
+
+from speechbrain_mamba.ops.scan_reference import selective_scan_reference
+from test_selective_scan import assert_close, make_inputs
+
+MODULE = "speechbrain_mamba.ops.scan_triton"
+
+
+def _take_modules():
+    """Removes the kernel module and triton's Python modules from ``sys.modules`` and returns them.
+
+    The compiled extension (``triton._C``) stays: it cannot be loaded twice.
+    """
+    names = [n for n in sys.modules if n == MODULE or n == "triton"
+             or (n.startswith("triton.") and not n.startswith("triton._C"))]
+    return {n: sys.modules.pop(n) for n in names}
+
+
+@pytest.fixture(scope="module")
+def kernels():
+    if importlib.util.find_spec("triton") is None:
+        pytest.skip("needs triton")
+    saved_env, saved_modules = os.environ.get("TRITON_INTERPRET"), _take_modules()
+    os.environ["TRITON_INTERPRET"] = "1"
+    try:
+        yield importlib.import_module(MODULE)
+    finally:
+        _take_modules()
+        sys.modules.update(saved_modules)
+        # The fresh import also set the package's attribute: point it back as well.
+        package = sys.modules[MODULE.rpartition(".")[0]]
+        if MODULE in saved_modules:
+            package.scan_triton = saved_modules[MODULE]
+        elif hasattr(package, "scan_triton"):
+            del package.scan_triton
+        if saved_env is None:
+            os.environ.pop("TRITON_INTERPRET", None)
+        else:
+            os.environ["TRITON_INTERPRET"] = saved_env
+
+
+def scan(kernels, backend, inputs, reverse, softplus=True, segments=False, sequential=False, y_loss=True,
+         state_loss=True):
+    """Output, last state and the gradients of a weighted loss for one backend.
+
+    ``sequential``: the forward pass runs the frame-by-frame kernel (the backward pass is the same)."""
+    B, C = inputs["B"], inputs["C"]
+    B, C = (B if B.dim() == 4 else B.unsqueeze(1)), (C if C.dim() == 4 else C.unsqueeze(1))
+    args = (inputs["u"], inputs["delta"], inputs["A"], B, C, inputs["D"], inputs["z"], inputs["delta_bias"],
+            softplus, inputs["initial_state"], reverse)
+    if backend == "triton":
+        config = kernels.ScanConfig(block_e=2, block_l=8, num_warps=1, min_programs=10**6 if segments else 0,
+                                    min_segment_chunks=1, sequential_min_programs=int(sequential),
+                                    sequential_block_e=2)
+        y, last = kernels.selective_scan_triton(*args, forward_config=config, backward_config=config)
+    else:
+        y, last = selective_scan_reference(*args)
+    loss = 0.0
+    if y_loss:
+        loss = loss + (y.float() * torch.linspace(-1, 1, y.shape[-1])).sum()
+    if state_loss:
+        loss = loss + last.pow(2).sum()
+    names = [n for n, v in inputs.items() if v is not None and v.requires_grad]
+    grads = torch.autograd.grad(loss, [inputs[n] for n in names], allow_unused=True)
+    # The loop leaves inputs that the loss does not reach without a gradient; the kernel gives zeros.
+    grads = [torch.zeros_like(inputs[n]) if g is None else g for n, g in zip(names, grads)]
+    return y, last, dict(zip(names, grads))
+
+
+def check_against_reference(kernels, inputs, reverse, dtype=torch.float32, **options):
+    y_ref, last_ref, grads_ref = scan(kernels, "reference", inputs, reverse, **{
+        k: v for k, v in options.items() if k not in ("segments", "sequential")})
+    y, last, grads = scan(kernels, "triton", inputs, reverse, **options)
+    assert y.dtype == inputs["u"].dtype and last.dtype == torch.float32
+    assert_close(y, y_ref, dtype, "output")
+    assert_close(last, last_ref, torch.float32, "last state")
+    assert grads.keys() == grads_ref.keys()
+    for name in grads:
+        assert grads[name].dtype == inputs[name].dtype, name
+        assert_close(grads[name], grads_ref[name], dtype, f"grad {name}")
+
+
+CASES = [
+    # batch, channels, state, length, groups, D, z, bias, initial, reverse, segments
+    (2, 4, 4, 19, None, True, True, True, False, False, False),
+    (2, 4, 4, 19, None, True, True, True, True, True, False),
+    (2, 4, 4, 1, None, True, True, True, True, False, False),
+    (1, 4, 4, 1, None, True, True, True, False, True, False),
+    (1, 4, 3, 16, 2, False, False, False, False, True, False),
+    (1, 8, 4, 13, 4, True, False, True, True, False, False),
+    (1, 4, 4, 29, None, True, True, True, True, False, True),
+    (1, 4, 4, 29, 2, True, True, True, True, True, True),
+]
+
+
+@pytest.mark.parametrize(
+    "case", CASES, ids=lambda c: f"b{c[0]}e{c[1]}n{c[2]}L{c[3]}g{c[4]}-D{c[5]:d}z{c[6]:d}bias{c[7]:d}"
+                                 f"h0{c[8]:d}rev{c[9]:d}seg{c[10]:d}")
+@pytest.mark.parametrize("forward_kernel", ["chunked", "sequential"])
+def test_triton_matches_reference(kernels, case, forward_kernel):
+    batch, channels, state, length, groups, with_D, with_z, with_bias, with_initial, reverse, segments = case
+    if segments and forward_kernel == "sequential":
+        pytest.skip("the frame-by-frame forward kernel does not split time")
+    inputs = make_inputs(batch, channels, state, length, groups, with_D=with_D, with_z=with_z,
+                         with_bias=with_bias, with_initial=with_initial)
+    check_against_reference(kernels, inputs, reverse, segments=segments, sequential=forward_kernel == "sequential")
+
+
+@pytest.mark.parametrize("reverse", [False, True])
+def test_strided_inputs_as_the_mamba_mixer_passes_them(kernels, reverse):
+    """delta and z with channels contiguous, B and C as views of one projection: read in place."""
+    batch, channels, state, length = 2, 4, 4, 11
+    g = torch.Generator().manual_seed(3)
+    xz = torch.randn(batch, length, 2 * channels, generator=g).transpose(1, 2)
+    proj = torch.randn(batch, length, 2 * state, generator=g).transpose(1, 2)
+    inputs = make_inputs(batch, channels, state, length)
+    inputs.update(
+        delta=(0.5 * xz[:, :channels]).requires_grad_(), z=xz[:, channels:].requires_grad_(),
+        B=proj[:, :state].requires_grad_(), C=proj[:, state:].requires_grad_(),
+    )
+    assert inputs["delta"].stride(-1) != 1 and inputs["z"].stride(-1) != 1 and inputs["B"].stride(-1) != 1
+    check_against_reference(kernels, inputs, reverse)
+    check_against_reference(kernels, inputs, reverse, sequential=True)
+
+
+def test_without_softplus_and_with_only_one_output_in_the_loss(kernels):
+    inputs = make_inputs(1, 4, 4, 10, with_initial=True)
+    inputs["delta"] = inputs["delta"].detach().abs().requires_grad_()
+    check_against_reference(kernels, inputs, False, softplus=False, state_loss=False)
+    check_against_reference(kernels, inputs, True, y_loss=False)
+
+
+def test_bf16_inputs(kernels):
+    inputs = make_inputs(1, 4, 4, 12, dtype=torch.bfloat16)
+    check_against_reference(kernels, inputs, True, dtype=torch.bfloat16)
+    check_against_reference(kernels, inputs, False, dtype=torch.bfloat16, sequential=True)
+
+
+def test_no_state_is_kept_without_gradients(kernels):
+    inputs = {k: (v.detach() if v is not None else None) for k, v in make_inputs(1, 4, 4, 9).items()}
+    y, last = kernels.selective_scan_triton(
+        inputs["u"], inputs["delta"], inputs["A"], inputs["B"].unsqueeze(1), inputs["C"].unsqueeze(1),
+        inputs["D"], inputs["z"], inputs["delta_bias"], True, None, False,
+    )
+    assert y.grad_fn is None and not last.requires_grad
+
+
+def test_refuses_cpu_tensors_outside_the_interpreter(kernels, monkeypatch):
+    monkeypatch.delenv("TRITON_INTERPRET")
+    inputs = make_inputs(1, 2, 2, 4)
+    with pytest.raises(ValueError, match="CUDA"):
+        kernels.selective_scan_triton(inputs["u"], inputs["delta"], inputs["A"], inputs["B"].unsqueeze(1),
+                                      inputs["C"].unsqueeze(1), None, None, None, True, None, False)
