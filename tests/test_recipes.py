@@ -32,11 +32,12 @@ import torch
 import torch.nn.functional as F
 from hyperpyyaml import load_hyperpyyaml
 
-from speechbrain_mamba.lobes import Mamba
+from speechbrain_mamba.lobes import Mamba, SepMamba
 from speechbrain_mamba.separation.demo import build_demo_dataset
 from speechbrain_mamba.separation.recipe import DEMO_OVERRIDES
 from speechbrain_mamba.separation.separator import separate_mixture
 from test_models import EXPECTED_PARAMS as MAMBA_PARAMS
+from test_sepmamba import EXPECTED as SEPMAMBA_PARAMS
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 RECIPES = {"WSJ0Mix": "wsj0mix", "LibriMix": "librimix", "WHAM": "wham"}
@@ -44,6 +45,9 @@ MAMBA_MODELS = sorted(MAMBA_PARAMS)
 BASELINES = ["dprnn", "sepformer"]
 EXPECTED_PARAMS = {**MAMBA_PARAMS, "sepformer": 25_679_361, "dprnn": 14_617_089}
 FILES = [(recipe, model) for recipe in RECIPES for model in MAMBA_MODELS + BASELINES]
+# SepMamba (a direct waveform model, constant learning rate): its own checks below.
+SEPMAMBA_MODELS = sorted(SEPMAMBA_PARAMS)
+SEPMAMBA_FILES = [(recipe, model) for recipe in RECIPES for model in SEPMAMBA_MODELS]
 
 # (recipe, model, extra overrides): the debug runs.
 DEBUG_RUNS = [
@@ -55,6 +59,8 @@ DEBUG_RUNS = [
     ("LibriMix", "sepformer", ()),
     ("WHAM", "dpmamba_xs", ()),
     ("WHAM", "mamba_tasnet_xs", ()),
+    ("WSJ0Mix", "sepmamba_s", ()),
+    ("WSJ0Mix", "sepmamba_causal_s", ()),
 ]
 DEBUG_ARGS = [
     "--debug", "--debug_batches", "1", "--debug_epochs", "1", "--training_signal_len", "4000", "--batch_size", "1",
@@ -112,7 +118,7 @@ def in_dt_range(dt: torch.Tensor) -> torch.Tensor:
 def test_every_recipe_has_every_model():
     for recipe in RECIPES:
         found = sorted(path.stem for path in hparams_path(recipe, "x").parent.glob("*.yaml"))
-        assert found == sorted(MAMBA_MODELS + BASELINES), recipe
+        assert found == sorted(MAMBA_MODELS + BASELINES + SEPMAMBA_MODELS), recipe
         assert (REPO_ROOT / "recipes" / recipe / "separation" / "train.py").is_file()
 
 
@@ -151,6 +157,34 @@ def test_recipe_file_loads(recipe, model, tmp_path):
         assert (hparams["loss_threshold"], hparams["precision"]) == (-30, "fp32")
         assert (scheduler.factor, scheduler.patience) == (0.5, 2)
         assert scheduler.dont_halve_until_epoch == {"WSJ0Mix": 85, "LibriMix": 5, "WHAM": 65}[recipe]
+
+
+@pytest.mark.parametrize("recipe, model", SEPMAMBA_FILES)
+def test_sepmamba_recipe_file_loads(recipe, model, tmp_path):
+    """One ``model`` module (checkpointed), AdamW 1.5e-4 with weight decay 0.01 at a constant rate, 4 s segments."""
+    hparams = load_recipe(recipe, model, tmp_path)
+    assert count(hparams) == SEPMAMBA_PARAMS[model]
+    assert [key for key in SHARED_KEYS + ["weight_decay"] if key not in hparams] == []
+    assert hparams["dataset"] == RECIPES[recipe]
+    assert [key for key in DEMO_OVERRIDES if key not in hparams and key != "lr_warmup_steps"] == []
+    recoverables = hparams["checkpointer"].recoverables
+    assert list(hparams["modules"]) == ["model"]
+    assert hparams["modules"]["model"] is hparams["model"]["model"] is recoverables["model"]
+    assert isinstance(hparams["modules"]["model"], SepMamba)
+    assert hparams["modules"]["model"].causal == ("causal" in model)
+    assert recoverables["counter"] is hparams["epoch_counter"]
+    assert "lr_step_scheduler" not in hparams and "lr_epoch_scheduler" not in hparams  # constant learning rate
+    assert hparams["experiment"].startswith(model + "-")
+    optimizer = hparams["optimizer"]([torch.nn.Parameter(torch.zeros(1))])
+    assert isinstance(optimizer, torch.optim.AdamW)
+    assert (optimizer.defaults["lr"], optimizer.defaults["weight_decay"]) == (1.5e-4, 0.01)
+    assert (hparams["lr"], hparams["batch_size"], hparams["number_of_epochs"], hparams["max_grad_norm"]) == (
+        1.5e-4, 1, 200, 5
+    )
+    assert hparams["dynamic_mixing"] and hparams["training_signal_len"] == 4 * hparams["sample_rate"]
+    assert hparams["loss_threshold"] is None
+    if recipe == "WSJ0Mix" and model == "sepmamba_s":
+        assert load_recipe(recipe, model, tmp_path, num_spks=3)["modules"]["model"].num_spks == 3
 
 
 def test_experiment_names_separate_corpora_and_conditions(tmp_path):
@@ -251,6 +285,7 @@ def test_reinit_rejects_unknown_scheme(tmp_path):
 # model without a debug run gets one forward pass, in one of the recipes in turn.
 _NOT_RUN = [model for model in MAMBA_MODELS + BASELINES if model not in {run[1] for run in DEBUG_RUNS}]
 FORWARD_ONLY = [(list(RECIPES)[i % len(RECIPES)], model) for i, model in enumerate(_NOT_RUN)]
+FORWARD_ONLY += [("LibriMix", "sepmamba_m"), ("WHAM", "sepmamba_causal_m")]
 
 
 @pytest.fixture

@@ -8,7 +8,7 @@ on any device: the selective scan picks its backend (see
 """
 
 import math
-from typing import Optional, Tuple
+from typing import List, NamedTuple, Optional, Tuple, Union
 
 import torch
 import torch.nn as nn
@@ -19,6 +19,18 @@ from speechbrain_mamba.ops import selective_scan
 
 def _inverse_softplus(x: torch.Tensor) -> torch.Tensor:
     return x + torch.log(-torch.expm1(-x))
+
+
+class MambaState(NamedTuple):
+    """What a causal :class:`Mamba` carries from one chunk to the next.
+
+    ``conv``: the last ``d_conv - 1`` inputs of the depthwise convolution,
+    [batch, d_inner, d_conv - 1]; ``ssm``: the SSM state after the last frame,
+    [batch, d_inner, d_state], fp32.
+    """
+
+    conv: torch.Tensor
+    ssm: torch.Tensor
 
 
 class Mamba(nn.Module):
@@ -128,8 +140,21 @@ class Mamba(nn.Module):
         D.fill_(1.0)
         D._no_weight_decay = True
 
-    def _scan_direction(self, x: torch.Tensor, z: torch.Tensor, suffix: str, reverse: bool) -> torch.Tensor:
-        """One direction: conv, SiLU, projections, scan. ``x``, ``z``: [B, E, L]."""
+    def _scan_direction(
+        self,
+        x: torch.Tensor,
+        z: torch.Tensor,
+        suffix: str,
+        reverse: bool,
+        state: Optional[MambaState] = None,
+        streaming: bool = False,
+    ) -> Union[torch.Tensor, Tuple[torch.Tensor, MambaState]]:
+        """One direction: conv, SiLU, projections, scan. ``x``, ``z``: [B, E, L].
+
+        With ``streaming`` (forward direction only) the convolution continues
+        from ``state.conv`` and the scan from ``state.ssm`` (zeros if ``state``
+        is None), and ``(y, new_state)`` is returned.
+        """
         conv = getattr(self, "conv1d" + suffix)
         x_proj = getattr(self, "x_proj" + suffix)
         dt_proj = getattr(self, "dt_proj" + suffix)
@@ -138,16 +163,22 @@ class Mamba(nn.Module):
 
         # Causal conv: pad on the left. The reverse direction is anti-causal: the
         # same filter reversed, padded on the right; no activation is flipped.
-        pad = (self.d_conv - 1, 0) if not reverse else (0, self.d_conv - 1)
+        # Streaming: the previous chunk's last inputs take the place of the padding.
+        if streaming:
+            history = x.new_zeros(*x.shape[:2], self.d_conv - 1) if state is None else state.conv.to(x.dtype)
+            x = torch.cat([history, x], dim=-1)
+            conv_state = x[..., x.shape[-1] - (self.d_conv - 1) :]
+        else:
+            x = F.pad(x, (self.d_conv - 1, 0) if not reverse else (0, self.d_conv - 1))
         weight = conv.weight.flip(-1) if reverse else conv.weight
-        x = F.silu(F.conv1d(F.pad(x, pad), weight, conv.bias, groups=self.d_inner))
+        x = F.silu(F.conv1d(x, weight, conv.bias, groups=self.d_inner))
 
         dt, B, C = torch.split(
             x_proj(x.transpose(1, 2)), [self.dt_rank, self.d_state, self.d_state], dim=-1
         )
         # The dt bias is added in fp32 inside the scan, as mamba-ssm does.
         dt = F.linear(dt, dt_proj.weight).transpose(1, 2)
-        return selective_scan(
+        out = selective_scan(
             x,
             dt,
             -torch.exp(A_log.float()),
@@ -157,9 +188,15 @@ class Mamba(nn.Module):
             z=z,
             delta_bias=dt_proj.bias.float(),
             delta_softplus=True,
+            return_last_state=streaming,
+            initial_state=None if state is None else state.ssm,
             reverse=reverse,
             backend=self.scan_backend,
         )
+        if not streaming:
+            return out
+        y, ssm_state = out
+        return y, MambaState(conv_state, ssm_state)
 
     def _project_in(self, hidden: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
         if hidden.dim() != 3 or hidden.shape[-1] != self.d_model:
@@ -175,6 +212,41 @@ class Mamba(nn.Module):
         x, z = self._project_in(hidden)
         y = self._scan_direction(x, z, "", reverse=self.reverse)
         return self.out_proj(y.transpose(1, 2))
+
+    def step(
+        self, hidden: torch.Tensor, state: Optional[MambaState] = None
+    ) -> Tuple[torch.Tensor, MambaState]:
+        """Streaming forward: one chunk [batch, L, d_model] (L >= 1) after the chunks that gave ``state``.
+
+        Feeding a sequence chunk by chunk, each call with the state the previous
+        one returned (None for the first), gives ``forward``'s output on the
+        whole sequence (up to float rounding). Only for causal mixers.
+
+        Arguments
+        ---------
+        hidden : torch.Tensor
+            The next chunk, [batch, L, d_model].
+        state : MambaState, optional
+            Returned by the previous call; None at the start of a sequence.
+
+        Returns
+        -------
+        The chunk's output [batch, L, d_model] and the state after it.
+
+        Example
+        -------
+        >>> mixer = Mamba(d_model=16)
+        >>> x = torch.randn(2, 50, 16)
+        >>> first, state = mixer.step(x[:, :20])
+        >>> second, state = mixer.step(x[:, 20:], state)
+        >>> torch.allclose(torch.cat([first, second], 1), mixer(x), atol=1e-5)
+        True
+        """
+        if self.reverse or hasattr(self, "conv1d_b"):
+            raise ValueError("Mamba.step streams causal mixers only (not reverse=True, not BiMamba).")
+        x, z = self._project_in(hidden)
+        y, state = self._scan_direction(x, z, "", reverse=False, state=state, streaming=True)
+        return self.out_proj(y.transpose(1, 2)), state
 
 
 class BiMamba(Mamba):
@@ -289,6 +361,17 @@ class MambaBlock(nn.Module):
         residual = hidden if residual is None else hidden + residual
         return self.mixer(self.norm(residual)), residual
 
+    def step(
+        self,
+        hidden: torch.Tensor,
+        residual: Optional[torch.Tensor],
+        state: Optional[MambaState] = None,
+    ) -> Tuple[torch.Tensor, torch.Tensor, MambaState]:
+        """Streaming ``forward`` of one chunk (causal mixer): returns (hidden, residual, mixer state)."""
+        residual = hidden if residual is None else hidden + residual
+        hidden, state = self.mixer.step(self.norm(residual), state)
+        return hidden, residual, state
+
 
 def _make_norm(kind: str, d_model: int, eps: float) -> nn.Module:
     if kind == "rmsnorm":
@@ -365,3 +448,40 @@ class MambaStack(nn.Module):
             hidden, residual = layer(hidden, residual)
         hidden = hidden + residual
         return hidden if self.norm_f is None else self.norm_f(hidden)
+
+    def step(
+        self, hidden: torch.Tensor, states: Optional[List[MambaState]] = None
+    ) -> Tuple[torch.Tensor, List[MambaState]]:
+        """Streaming forward of a causal stack: one chunk [batch, L, d_model] (L >= 1).
+
+        ``states`` (one :class:`MambaState` per block) is what the previous call
+        returned, None at the start of a sequence. Chunk by chunk, the outputs
+        are ``forward``'s on the whole sequence.
+
+        Arguments
+        ---------
+        hidden : torch.Tensor
+            The next chunk, [batch, L, d_model].
+        states : list of MambaState, optional
+            Returned by the previous call.
+
+        Returns
+        -------
+        The chunk's output [batch, L, d_model] and the blocks' states after it.
+
+        Example
+        -------
+        >>> stack = MambaStack(16, num_layers=2, bidirectional=False)
+        >>> x = torch.randn(1, 30, 16)
+        >>> first, states = stack.step(x[:, :7])
+        >>> second, states = stack.step(x[:, 7:], states)
+        >>> torch.allclose(torch.cat([first, second], 1), stack(x), atol=1e-5)
+        True
+        """
+        states = states or [None] * len(self.layers)
+        residual, new_states = None, []
+        for layer, state in zip(self.layers, states):
+            hidden, residual, state = layer.step(hidden, residual, state)
+            new_states.append(state)
+        hidden = hidden + residual
+        return (hidden if self.norm_f is None else self.norm_f(hidden)), new_states

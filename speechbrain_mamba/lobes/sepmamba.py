@@ -59,6 +59,17 @@ class SepMamba(nn.Module):
     ``num_spks`` waveforms, cropped or padded to the input length. No mask and
     no output activation.
 
+    Causality: with ``causal=True`` every Mamba layer is causal, but the
+    unpadded strided convolutions are not. Output sample ``t`` depends on input
+    samples up to ``t + lookahead`` with ``lookahead = (k - 1)(1 + s + s^2)``:
+    a frame ``i`` of the third (deepest) down stage covers input samples up to
+    ``8 i + 105``, and the transposed convolutions map output sample ``t`` to
+    that stage's frame ``floor(t / 8)`` (the skips reach less far ahead). With
+    ``k = 16, s = 2`` that is 105 samples, 13.125 ms at 8 kHz, reached for
+    every ``t`` divisible by 8 (the bound is tight; see ``tests/test_sepmamba.py``).
+    :class:`speechbrain_mamba.lobes.streaming.SepMambaStreamer` runs the causal
+    model chunk by chunk.
+
     Arguments
     ---------
     dim : int
@@ -93,6 +104,7 @@ class SepMamba(nn.Module):
     ):
         super().__init__()
         self.num_spks = num_spks
+        self.causal = causal
         self.kernel_size, self.stride = kernel_size, stride
         widths = [1, dim, 2 * dim, 4 * dim]
 
@@ -122,6 +134,16 @@ class SepMamba(nn.Module):
         for _ in self.down:
             length = (length - 1) * self.stride + self.kernel_size
         return length
+
+    @property
+    def lookahead(self) -> int:
+        """Input samples past ``t`` that output sample ``t`` depends on (causal variant; 105 by default).
+
+        ``(kernel_size - 1) * (1 + stride + ... + stride^(stages - 1))``: what
+        the down stages' windows reach past their first sample, in input
+        samples. The bidirectional model sees the whole input regardless.
+        """
+        return sum((self.kernel_size - 1) * self.stride**level for level in range(len(self.down)))
 
     @staticmethod
     def _run_mamba(stack: nn.Module, x: torch.Tensor) -> torch.Tensor:
