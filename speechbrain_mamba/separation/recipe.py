@@ -102,6 +102,10 @@ def main(argv: Optional[List[str]] = None) -> None:
     except DataError as error:
         logger.error(f"Bad input data, stopping before training: {error}")
         raise SystemExit(2) from error
+    finally:
+        # Left to interpreter shutdown, the process group's threads can abort the process (SIGABRT).
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
 
 
 def _run(argv: Optional[List[str]]) -> None:
