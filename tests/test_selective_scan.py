@@ -183,3 +183,14 @@ def test_import_loads_neither_mamba_ssm_nor_triton():
         "assert not bad, bad\n"
     )
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_torch_backend_under_bf16_autocast_matches_reference():
+    """Autocast must not lower the scan's internal products to bf16 (nor break its backward)."""
+    inputs = make_inputs(2, 8, 4, 40, dtype=torch.bfloat16, with_initial=False)
+    y_ref, _, grads_ref = run_scan(inputs, "reference", reverse=False, state_in_loss=False)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y, _, grads = run_scan(inputs, "torch", reverse=False, state_in_loss=False)
+    assert_close(y, y_ref, torch.bfloat16, "output")
+    for name in grads:
+        assert_close(grads[name], grads_ref[name], torch.bfloat16, f"grad {name}")

@@ -98,6 +98,11 @@ class SelectiveScanFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, dt, u, A, B, C, initial, reverse):
+        with torch.autocast(dt.device.type, enabled=False):  # fp32 throughout, like the inputs
+            return SelectiveScanFunction._forward(ctx, dt, u, A, B, C, initial, reverse)
+
+    @staticmethod
+    def _forward(ctx, dt, u, A, B, C, initial, reverse):
         length = dt.shape[0]
         decay = torch.mul(dt.unsqueeze(-2), A).exp_()
         states = torch.mul((dt * u).unsqueeze(-2), B.unsqueeze(-1))  # the drive, scanned in place
@@ -110,6 +115,11 @@ class SelectiveScanFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_y, grad_last):
+        with torch.autocast(grad_y.device.type, enabled=False):
+            return SelectiveScanFunction._backward(ctx, grad_y.float(), grad_last)
+
+    @staticmethod
+    def _backward(ctx, grad_y, grad_last):
         dt, u, A, B, C, initial, decay, states = ctx.saved_tensors
         reverse = ctx.reverse
         length = dt.shape[0]
