@@ -175,12 +175,16 @@ class Point:
         return self.model, self.kind, self.dtype, self.batch
 
 
+KINDS = ("infer", "train", "gmac")
+
+
 def plan(models: Sequence[str], lengths: Sequence[float], dtypes: Sequence[str],
-         train_seconds: float, flops_seconds: float) -> List[Point]:
-    """Every point, in the order they are measured (most important, then cheapest, first)."""
+         train_seconds: float, flops_seconds: float, kinds: Sequence[str] = KINDS) -> List[Point]:
+    """Every point of ``kinds``, in the order they are measured (most important, then cheapest, first)."""
     points = [Point(m, "infer", d, s, 1) for m in models for d in dtypes for s in lengths]
     points += [Point(m, "train", d, train_seconds, b) for m in models for d in dtypes for b in TRAIN_BATCHES]
     points += [Point(m, "gmac", "fp32", flops_seconds, 1) for m in models]
+    points = [point for point in points if point.kind in kinds]
 
     def priority(point: Point) -> Tuple:
         if point.kind == "infer" and point.seconds > LONG_LENGTH:
@@ -554,6 +558,7 @@ def main() -> None:
     parser.add_argument("--lengths", help=f"inference lengths in seconds (default {','.join(map(str, LENGTHS))})")
     parser.add_argument("--dtypes", help="fp32 and/or bf16 (autocast); default both on CUDA, fp32 on the CPU "
                         "(where bf16 autocast is 5-20x slower than fp32)")
+    parser.add_argument("--kinds", default=",".join(KINDS), help="what to measure: infer, train and/or gmac")
     parser.add_argument("--train-seconds", type=float, help="training segment length (default 4)")
     parser.add_argument("--flops-seconds", type=float, help="input length of the GMAC count (default 4)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -607,7 +612,10 @@ def main() -> None:
         "sample_rate": SAMPLE_RATE,
     }
     print(f"# {meta['machine']}; device {device}; scan backend {meta['scan_backend']}; {meta['tf32']}", flush=True)
-    points = plan(models, parse_list(args.lengths, float), dtypes, args.train_seconds, args.flops_seconds)
+    kinds = parse_list(args.kinds)
+    if any(kind not in KINDS for kind in kinds):
+        parser.error(f"--kinds: expected some of {', '.join(KINDS)}; got {args.kinds}")
+    points = plan(models, parse_list(args.lengths, float), dtypes, args.train_seconds, args.flops_seconds, kinds)
     runner = Runner(args, device)
     runner.run(points, args.out, meta)
     report(args.out, meta, runner.records, args.anchors)
