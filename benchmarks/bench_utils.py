@@ -159,7 +159,7 @@ def time_and_memory(
     warmup_start = time.monotonic()
     for _ in range(warmup):
         step()
-    _synchronize(device)
+    synchronize(device)
     if deadline is not None and warmup:
         per_call = (time.monotonic() - warmup_start) / warmup
         repeats = max(1, min(repeats, int((deadline - time.monotonic()) / max(per_call, 1e-6))))
@@ -184,7 +184,7 @@ def time_and_memory(
     return times, peak
 
 
-def _synchronize(device: torch.device) -> None:
+def synchronize(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
 

@@ -55,20 +55,25 @@ def kernels():
             os.environ["TRITON_INTERPRET"] = saved_env
 
 
-def scan(kernels, backend, inputs, reverse, softplus=True, segments=False, sequential=False, y_loss=True,
-         state_loss=True):
+def scan(kernels, backend, inputs, reverse, softplus=True, segments=False, sequential=False,
+         sequential_backward=None, y_loss=True, state_loss=True):
     """Output, last state and the gradients of a weighted loss for one backend.
 
-    ``sequential``: the forward pass runs the frame-by-frame kernel (the backward pass is the same)."""
+    ``sequential``: the frame-by-frame kernels run the forward pass and, unless
+    ``sequential_backward`` says otherwise, the backward pass."""
     B, C = inputs["B"], inputs["C"]
     B, C = (B if B.dim() == 4 else B.unsqueeze(1)), (C if C.dim() == 4 else C.unsqueeze(1))
     args = (inputs["u"], inputs["delta"], inputs["A"], B, C, inputs["D"], inputs["z"], inputs["delta_bias"],
             softplus, inputs["initial_state"], reverse)
     if backend == "triton":
-        config = kernels.ScanConfig(block_e=2, block_l=8, num_warps=1, min_programs=10**6 if segments else 0,
-                                    min_segment_chunks=1, sequential_min_programs=int(sequential),
-                                    sequential_block_e=2)
-        y, last = kernels.selective_scan_triton(*args, forward_config=config, backward_config=config)
+        def config(frame_by_frame):
+            return kernels.ScanConfig(block_e=2, block_l=8, num_warps=1, min_programs=10**6 if segments else 0,
+                                      min_segment_chunks=1, sequential_min_programs=int(frame_by_frame),
+                                      sequential_block_e=2)
+
+        backward = sequential if sequential_backward is None else sequential_backward
+        y, last = kernels.selective_scan_triton(*args, forward_config=config(sequential),
+                                                backward_config=config(backward))
     else:
         y, last = selective_scan_reference(*args)
     loss = 0.0
@@ -85,7 +90,7 @@ def scan(kernels, backend, inputs, reverse, softplus=True, segments=False, seque
 
 def check_against_reference(kernels, inputs, reverse, dtype=torch.float32, **options):
     y_ref, last_ref, grads_ref = scan(kernels, "reference", inputs, reverse, **{
-        k: v for k, v in options.items() if k not in ("segments", "sequential")})
+        k: v for k, v in options.items() if k not in ("segments", "sequential", "sequential_backward")})
     y, last, grads = scan(kernels, "triton", inputs, reverse, **options)
     assert y.dtype == inputs["u"].dtype and last.dtype == torch.float32
     assert_close(y, y_ref, dtype, "output")
@@ -114,12 +119,22 @@ CASES = [
                                  f"h0{c[8]:d}rev{c[9]:d}seg{c[10]:d}")
 @pytest.mark.parametrize("forward_kernel", ["chunked", "sequential"])
 def test_triton_matches_reference(kernels, case, forward_kernel):
+    """``sequential``: the frame-by-frame kernels, forward and backward."""
     batch, channels, state, length, groups, with_D, with_z, with_bias, with_initial, reverse, segments = case
     if segments and forward_kernel == "sequential":
-        pytest.skip("the frame-by-frame forward kernel does not split time")
+        pytest.skip("the frame-by-frame kernels do not split time")
     inputs = make_inputs(batch, channels, state, length, groups, with_D=with_D, with_z=with_z,
                          with_bias=with_bias, with_initial=with_initial)
     check_against_reference(kernels, inputs, reverse, segments=segments, sequential=forward_kernel == "sequential")
+
+
+@pytest.mark.parametrize("reverse", [False, True])
+@pytest.mark.parametrize("forward_sequential", [False, True])
+def test_one_kind_of_kernel_forward_the_other_backward(kernels, reverse, forward_sequential):
+    """Both backward kernels read the chunk-entering states that either forward kernel stores."""
+    inputs = make_inputs(2, 4, 4, 19, 2, with_initial=True)
+    check_against_reference(kernels, inputs, reverse, sequential=forward_sequential,
+                            sequential_backward=not forward_sequential)
 
 
 @pytest.mark.parametrize("reverse", [False, True])
@@ -131,12 +146,16 @@ def test_strided_inputs_as_the_mamba_mixer_passes_them(kernels, reverse):
     proj = torch.randn(batch, length, 2 * state, generator=g).transpose(1, 2)
     inputs = make_inputs(batch, channels, state, length)
     inputs.update(
+        u=torch.randn(batch, length, channels, generator=g).transpose(1, 2).requires_grad_(),
         delta=(0.5 * xz[:, :channels]).requires_grad_(), z=xz[:, channels:].requires_grad_(),
         B=proj[:, :state].requires_grad_(), C=proj[:, state:].requires_grad_(),
     )
     assert inputs["delta"].stride(-1) != 1 and inputs["z"].stride(-1) != 1 and inputs["B"].stride(-1) != 1
     check_against_reference(kernels, inputs, reverse)
     check_against_reference(kernels, inputs, reverse, sequential=True)
+    # Channel-last in, channel-last out: whole frames are written, as the next projection reads them.
+    y, _, grads = scan(kernels, "triton", inputs, reverse, sequential=True)
+    assert y.stride(1) == 1 and grads["u"].stride(1) == 1 and grads["z"].stride(1) == 1
 
 
 def test_without_softplus_and_with_only_one_output_in_the_loss(kernels):

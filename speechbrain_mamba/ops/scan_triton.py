@@ -67,11 +67,14 @@ class ScanConfig:
     min_segment_chunks : int
         Fewest chunks in one segment.
     sequential_min_programs : int
-        Forward pass: walk time frame by frame (``_scan_fwd_sequential_kernel``)
-        when there are at least this many (sequence, channel block) programs to
-        keep the GPU busy without splitting time; 0 never does.
+        Walk time frame by frame (``_scan_fwd_sequential_kernel``,
+        ``_scan_bwd_sequential_kernel``) when there are at least this many
+        (sequence, channel block) programs to keep the GPU busy without
+        splitting time; 0 never does.
     sequential_block_e : int
-        Channels per program of the frame-by-frame forward kernel.
+        Channels per program of the frame-by-frame kernels.
+    sequential_num_warps : int
+        Warps per program of the frame-by-frame backward kernel (the forward one uses 1).
     """
 
     block_e: int = 16
@@ -81,6 +84,7 @@ class ScanConfig:
     min_segment_chunks: int = 4
     sequential_min_programs: int = 512
     sequential_block_e: int = 16
+    sequential_num_warps: int = 1
 
 
 # Tiles measured best for forward + backward on DPMamba's and SepMamba's shapes (H100, see
@@ -133,7 +137,7 @@ def _scan_fwd_kernel(
     u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, h0_ptr,
     y_ptr, last_ptr, chunk_ptr, seg_decay_ptr, seg_state_ptr,
     E, L, per_group, num_eblocks, num_chunks, chunks_per_seg, num_seg,
-    su_b, su_e, su_l, sd_b, sd_e, sd_l, sz_b, sz_e, sz_l,
+    su_b, su_e, su_l, sd_b, sd_e, sd_l, sz_b, sz_e, sz_l, sy_b, sy_e, sy_l,
     sB_b, sB_g, sB_n, sB_l, sC_b, sC_g, sC_n, sC_l,
     N: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_L: tl.constexpr,
     HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_H0: tl.constexpr,
@@ -167,7 +171,7 @@ def _scan_fwd_kernel(
     u_row = u_ptr + pid_b * su_b + offs_e[:, None] * su_e
     d_row = delta_ptr + pid_b * sd_b + offs_e[:, None] * sd_e
     z_row = z_ptr + pid_b * sz_b + offs_e[:, None] * sz_e
-    y_row = y_ptr + (pid_b * E + offs_e[:, None]) * L
+    y_row = y_ptr + pid_b * sy_b + offs_e[:, None] * sy_e
     B_seq = B_ptr + pid_b * sB_b + group * sB_g
     C_seq = C_ptr + pid_b * sC_b + group * sC_g
     state_offs = (pid_b * E + offs_e[:, None]) * N + offs_n[None, :]
@@ -224,7 +228,7 @@ def _scan_fwd_kernel(
             if HAS_Z:
                 z = tl.load(z_row + t[None, :] * sz_l, mask=mask_et, other=0.0).to(tl.float32)
                 out = out * z / (1.0 + tl.exp2(-z * _LOG2E))
-            tl.store(y_row + t[None, :], out.to(y_ptr.dtype.element_ty), mask=mask_et)
+            tl.store(y_row + t[None, :] * sy_l, out.to(y_ptr.dtype.element_ty), mask=mask_et)
 
     if SUMMARY:
         seg_offs = ((pid_b * E + offs_e[:, None]) * num_seg + seg) * N + offs_n[None, :]
@@ -239,7 +243,7 @@ def _scan_fwd_sequential_kernel(
     u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, h0_ptr,
     y_ptr, last_ptr, chunk_ptr,
     E, L, per_group, num_eblocks, num_chunks,
-    su_b, su_e, su_l, sd_b, sd_e, sd_l, sz_b, sz_e, sz_l,
+    su_b, su_e, su_l, sd_b, sd_e, sd_l, sz_b, sz_e, sz_l, sy_b, sy_e, sy_l,
     sB_b, sB_g, sB_n, sB_l, sC_b, sC_g, sC_n, sC_l,
     N: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_L: tl.constexpr,
     HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_H0: tl.constexpr,
@@ -273,7 +277,7 @@ def _scan_fwd_sequential_kernel(
     u_row = u_ptr + pid_b * su_b + offs_e * su_e
     d_row = delta_ptr + pid_b * sd_b + offs_e * sd_e
     z_row = z_ptr + pid_b * sz_b + offs_e * sz_e
-    y_row = y_ptr + (pid_b * E + offs_e) * L
+    y_row = y_ptr + pid_b * sy_b + offs_e * sy_e
     B_seq = B_ptr + pid_b * sB_b + group * sB_g + offs_n * sB_n
     C_seq = C_ptr + pid_b * sC_b + group * sC_g + offs_n * sC_n
     state_offs = (pid_b * E + offs_e[:, None]) * N + offs_n[None, :]
@@ -304,7 +308,7 @@ def _scan_fwd_sequential_kernel(
             if HAS_Z:
                 z = tl.load(z_row + t * sz_l, mask=valid, other=0.0).to(tl.float32)
                 out = out * z / (1.0 + tl.exp2(-z * _LOG2E))
-            tl.store(y_row + t, out.to(y_ptr.dtype.element_ty), mask=valid)
+            tl.store(y_row + t * sy_l, out.to(y_ptr.dtype.element_ty), mask=valid)
     tl.store(last_ptr + state_offs, state, mask=en_mask)
 
 
@@ -315,6 +319,7 @@ def _scan_bwd_kernel(
     du_ptr, ddelta_ptr, dA_ptr, dB_ptr, dC_ptr, dD_ptr, dz_ptr, dbias_ptr, dh0_ptr,
     E, L, per_group, groups, num_eblocks, num_chunks, chunks_per_seg, num_seg,
     su_b, su_e, su_l, sd_b, sd_e, sd_l, sz_b, sz_e, sz_l, sy_b, sy_e, sy_l,
+    sdu_b, sdu_e, sdu_l, sdd_b, sdd_e, sdd_l, sdz_b, sdz_e, sdz_l,
     sB_b, sB_g, sB_n, sB_l, sC_b, sC_g, sC_n, sC_l,
     N: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_L: tl.constexpr,
     HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_DLAST: tl.constexpr,
@@ -354,7 +359,9 @@ def _scan_bwd_kernel(
     d_row = delta_ptr + pid_b * sd_b + offs_e[:, None] * sd_e
     z_row = z_ptr + pid_b * sz_b + offs_e[:, None] * sz_e
     dy_row = dy_ptr + pid_b * sy_b + offs_e[:, None] * sy_e
-    out_row = (pid_b * E + offs_e[:, None]) * L  # du, ddelta, dz are contiguous
+    du_row = du_ptr + pid_b * sdu_b + offs_e[:, None] * sdu_e
+    dd_row = ddelta_ptr + pid_b * sdd_b + offs_e[:, None] * sdd_e
+    dz_row = dz_ptr + pid_b * sdz_b + offs_e[:, None] * sdz_e
     B_seq = B_ptr + pid_b * sB_b + group * sB_g
     C_seq = C_ptr + pid_b * sC_b + group * sC_g
     bc_grad_seq = (pid_b * groups + group) * N * L  # dB, dC: contiguous fp32
@@ -450,10 +457,9 @@ def _scan_bwd_kernel(
                 if HAS_D:
                     out += D[:, None] * u
                 grad_z = dy * out * sig_z * (1.0 + z * (1.0 - sig_z))
-                tl.store(dz_ptr + out_row + t[None, :], grad_z.to(dz_ptr.dtype.element_ty), mask=mask_et)
-            tl.store(du_ptr + out_row + t[None, :], grad_u.to(du_ptr.dtype.element_ty), mask=mask_et)
-            tl.store(ddelta_ptr + out_row + t[None, :], grad_delta.to(ddelta_ptr.dtype.element_ty),
-                     mask=mask_et)
+                tl.store(dz_row + t[None, :] * sdz_l, grad_z.to(dz_ptr.dtype.element_ty), mask=mask_et)
+            tl.store(du_row + t[None, :] * sdu_l, grad_u.to(du_ptr.dtype.element_ty), mask=mask_et)
+            tl.store(dd_row + t[None, :] * sdd_l, grad_delta.to(ddelta_ptr.dtype.element_ty), mask=mask_et)
 
     if SUMMARY:
         seg_offs = ((pid_b * E + offs_e[:, None]) * num_seg + seg) * N + offs_n[None, :]
@@ -468,6 +474,142 @@ def _scan_bwd_kernel(
         if STORE_DH0:
             if seg == 0:
                 tl.store(dh0_ptr + state_offs, q, mask=en_mask)
+
+
+@triton.jit
+def _scan_bwd_sequential_kernel(
+    u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, dy_ptr, dlast_ptr, chunk_ptr, scratch_ptr,
+    du_ptr, ddelta_ptr, dA_ptr, dB_part_ptr, dC_part_ptr, dD_ptr, dz_ptr, dbias_ptr, dh0_ptr,
+    E, L, per_group, num_eblocks, num_chunks,
+    su_b, su_e, su_l, sd_b, sd_e, sd_l, sz_b, sz_e, sz_l, sy_b, sy_e, sy_l,
+    sdu_b, sdu_e, sdu_l, sdd_b, sdd_e, sdd_l, sdz_b, sdz_e, sdz_l,
+    sB_b, sB_g, sB_n, sB_l, sC_b, sC_g, sC_n, sC_l,
+    N: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_L: tl.constexpr,
+    HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_DLAST: tl.constexpr,
+    SOFTPLUS: tl.constexpr, REVERSE: tl.constexpr, STORE_DH0: tl.constexpr,
+):
+    """Backward pass of one channel block of one sequence, one frame at a time.
+
+    Chunks are visited against scan order. For each, the states are recomputed
+    frame by frame from the chunk-entering state and parked in this program's
+    ``scratch`` slot (``BLOCK_L x BLOCK_E x BLOCK_N`` fp32, hot in cache), then
+    the adjoint ``q`` (the gradient reaching the state after a frame through
+    the next frame's decay) walks the chunk backwards with every per-frame
+    gradient: no scan tree, no per-state loop. The ``dB``/``dC`` shares of this
+    channel block go to a per-block buffer (summed by the caller: deterministic,
+    no atomics); ``dA``, ``dD`` and the dt bias gradient are summed in registers.
+    """
+    pid = tl.program_id(0)
+    pid_e = pid % num_eblocks
+    pid_b = pid // num_eblocks
+    offs_e = pid_e * BLOCK_E + tl.arange(0, BLOCK_E)
+    offs_n = tl.arange(0, BLOCK_N)
+    n_mask = offs_n < N
+    en_mask = n_mask[None, :]
+    group = (pid_e * BLOCK_E) // per_group
+
+    bias = tl.zeros([BLOCK_E], tl.float32)
+    if HAS_BIAS:
+        bias = tl.load(bias_ptr + offs_e).to(tl.float32)
+    D = tl.zeros([BLOCK_E], tl.float32)
+    if HAS_D:
+        D = tl.load(D_ptr + offs_e).to(tl.float32)
+    A = tl.load(A_ptr + offs_e[:, None] * N + offs_n[None, :], mask=en_mask, other=0.0).to(tl.float32)
+    A2 = A * _LOG2E
+
+    u_row = u_ptr + pid_b * su_b + offs_e * su_e
+    d_row = delta_ptr + pid_b * sd_b + offs_e * sd_e
+    z_row = z_ptr + pid_b * sz_b + offs_e * sz_e
+    dy_row = dy_ptr + pid_b * sy_b + offs_e * sy_e
+    du_row = du_ptr + pid_b * sdu_b + offs_e * sdu_e
+    dd_row = ddelta_ptr + pid_b * sdd_b + offs_e * sdd_e
+    dz_row = dz_ptr + pid_b * sdz_b + offs_e * sdz_e
+    B_seq = B_ptr + pid_b * sB_b + group * sB_g + offs_n * sB_n
+    C_seq = C_ptr + pid_b * sC_b + group * sC_g + offs_n * sC_n
+    # dB/dC shares: (batch, num_eblocks, L, N) fp32.
+    part_seq = (pid * L) * N + offs_n
+    state_offs = (pid_b * E + offs_e[:, None]) * N + offs_n[None, :]
+    tile_offs = tl.arange(0, BLOCK_E)[:, None] * BLOCK_N + offs_n[None, :]
+    scratch = scratch_ptr + pid * (BLOCK_L * BLOCK_E * BLOCK_N) + tile_offs
+
+    q = tl.zeros([BLOCK_E, BLOCK_N], tl.float32)
+    if HAS_DLAST:
+        q = tl.load(dlast_ptr + state_offs, mask=en_mask, other=0.0).to(tl.float32)
+    grad_A = tl.zeros([BLOCK_E, BLOCK_N], tl.float32)
+    grad_D = tl.zeros([BLOCK_E], tl.float32)
+    grad_bias = tl.zeros([BLOCK_E], tl.float32)
+    for j in range(0, num_chunks):
+        k = num_chunks - 1 - j
+        h = tl.load(chunk_ptr + ((pid_b * E + offs_e[:, None]) * num_chunks + k) * N + offs_n[None, :],
+                    mask=en_mask, other=0.0)
+        # States of the chunk, in scan order, into the scratch slot.
+        for i in tl.static_range(BLOCK_L):
+            if REVERSE:
+                t = L - 1 - k * BLOCK_L - i
+            else:
+                t = k * BLOCK_L + i
+            valid = (t >= 0) & (t < L)
+            u = tl.load(u_row + t * su_l, mask=valid, other=0.0).to(tl.float32)
+            delta = tl.load(d_row + t * sd_l, mask=valid, other=0.0).to(tl.float32)
+            B_t = tl.load(B_seq + t * sB_l, mask=n_mask & valid, other=0.0).to(tl.float32)
+            dt, _ = _dt(delta[:, None], bias, HAS_BIAS, SOFTPLUS)
+            dt = tl.where(valid, dt, 0.0)
+            h = tl.exp2(dt * A2) * h + (dt * u[:, None]) * B_t[None, :]
+            tl.store(scratch + i * (BLOCK_E * BLOCK_N), h)
+        # The scratch slot is written and read by the same threads (same layout), but make it explicit.
+        tl.debug_barrier()
+        for r in tl.static_range(BLOCK_L):
+            i = BLOCK_L - 1 - r
+            if REVERSE:
+                t = L - 1 - k * BLOCK_L - i
+            else:
+                t = k * BLOCK_L + i
+            valid = (t >= 0) & (t < L)
+            u = tl.load(u_row + t * su_l, mask=valid, other=0.0).to(tl.float32)
+            delta = tl.load(d_row + t * sd_l, mask=valid, other=0.0).to(tl.float32)
+            dy = tl.load(dy_row + t * sy_l, mask=valid, other=0.0).to(tl.float32)
+            B_t = tl.load(B_seq + t * sB_l, mask=n_mask & valid, other=0.0).to(tl.float32)
+            C_t = tl.load(C_seq + t * sC_l, mask=n_mask & valid, other=0.0).to(tl.float32)
+            h = tl.load(scratch + i * (BLOCK_E * BLOCK_N))
+            dt, slope = _dt(delta[:, None], bias, HAS_BIAS, SOFTPLUS)  # (BLOCK_E, 1)
+            dt = tl.where(valid, dt, 0.0)
+            dt_e, slope_e = tl.sum(dt, axis=1), tl.sum(slope, axis=1)  # the same as (BLOCK_E,) vectors
+            if HAS_Z:
+                z = tl.load(z_row + t * sz_l, mask=valid, other=0.0).to(tl.float32)
+                sig_z = 1.0 / (1.0 + tl.exp2(-z * _LOG2E))
+                dout = dy * z * sig_z
+            else:
+                dout = dy
+            dtu = dt * u[:, None]  # (BLOCK_E, 1)
+            drive = dtu * B_t[None, :]
+            g = q + dout[:, None] * C_t[None, :]
+            # dA_t * h_{t-1} = h_t - drive_t: the part of the state that came through the decay.
+            g_decayed = g * (h - drive)
+            g_B = tl.sum(g * B_t[None, :], axis=1)
+            g_decay = tl.sum(g_decayed * A, axis=1)
+            grad_A += g_decayed * dt
+            grad_delta = tl.where(valid, (u * g_B + g_decay) * slope_e, 0.0)
+            grad_bias += grad_delta
+            grad_u = dt_e * g_B + D * dout
+            grad_D += dout * u
+            if HAS_Z:
+                out = tl.sum(h * C_t[None, :], axis=1) + D * u
+                grad_z = dy * out * sig_z * (1.0 + z * (1.0 - sig_z))
+                tl.store(dz_row + t * sdz_l, grad_z.to(dz_ptr.dtype.element_ty), mask=valid)
+            tl.store(du_row + t * sdu_l, grad_u.to(du_ptr.dtype.element_ty), mask=valid)
+            tl.store(dd_row + t * sdd_l, grad_delta.to(ddelta_ptr.dtype.element_ty), mask=valid)
+            tl.store(dB_part_ptr + part_seq + t * N, tl.sum(g * dtu, axis=0), mask=n_mask & valid)
+            tl.store(dC_part_ptr + part_seq + t * N, tl.sum(h * dout[:, None], axis=0), mask=n_mask & valid)
+            q = g * tl.exp2(dt * A2)
+        tl.debug_barrier()  # the next chunk overwrites the slot
+
+    tl.atomic_add(dA_ptr + offs_e[:, None] * N + offs_n[None, :], grad_A, mask=en_mask)
+    if HAS_D:
+        tl.atomic_add(dD_ptr + offs_e, grad_D)
+    if HAS_BIAS:
+        tl.atomic_add(dbias_ptr + offs_e, grad_bias)
+    if STORE_DH0:
+        tl.store(dh0_ptr + state_offs, q, mask=en_mask)
 
 
 def _pow2_divisor(n: int, cap: int) -> int:
@@ -510,12 +652,26 @@ def _strides3(t: Optional[torch.Tensor], like: torch.Tensor) -> Tuple[int, int, 
     return tuple((t if t is not None else like).stride())
 
 
+def _empty_in_layout(like: torch.Tensor, dtype: Optional[torch.dtype] = None) -> torch.Tensor:
+    """An empty (batch, channels, length) tensor, channels innermost if ``like``'s are.
+
+    The Mamba mixer passes channel-last views (time frames of a projection); outputs and
+    gradients in the same layout are read and written in whole frames, and the
+    next projection needs no transposing copy.
+    """
+    batch, channels, length = like.shape
+    options = dict(dtype=dtype or like.dtype, device=like.device)
+    if like.stride(1) == 1 and channels > 1:
+        return torch.empty(batch, length, channels, **options).transpose(1, 2)
+    return torch.empty(batch, channels, length, **options)
+
+
 def _forward(u, delta, A, B, C, D, z, delta_bias, initial_state, softplus, reverse, store_chunks, config):
     batch, channels, length = u.shape
     groups, state = B.shape[1], A.shape[1]
     plan = _plan(batch, channels, length, state, channels // groups, config)
     f32 = dict(dtype=torch.float32, device=u.device)
-    y = torch.empty(batch, channels, length, dtype=u.dtype, device=u.device)
+    y = _empty_in_layout(u)
     last = torch.empty(batch, channels, state, **f32)
     chunks = torch.empty(batch, channels, plan.num_chunks if store_chunks else 0, state, **f32)
     A = A.contiguous()
@@ -525,7 +681,7 @@ def _forward(u, delta, A, B, C, D, z, delta_bias, initial_state, softplus, rever
         u if delta_bias is None else delta_bias.contiguous(),
         u if initial_state is None else initial_state.contiguous(),
     ]
-    strides = [*u.stride(), *delta.stride(), *_strides3(z, u), *B.stride(), *C.stride()]
+    strides = [*u.stride(), *delta.stride(), *_strides3(z, u), *y.stride(), *B.stride(), *C.stride()]
     flags = dict(
         N=state, BLOCK_N=plan.block_n, BLOCK_L=plan.block_l,
         HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=delta_bias is not None,
@@ -562,33 +718,54 @@ def _backward(u, delta, A, B, C, D, z, delta_bias, dy, dlast, chunks, fwd_plan, 
     # The chunk-entering states were stored at the forward pass's chunk size.
     plan = _plan(batch, channels, length, state, channels // groups, replace(config, block_l=fwd_plan.block_l))
     f32 = dict(dtype=torch.float32, device=u.device)
-    du = torch.empty(batch, channels, length, dtype=u.dtype, device=u.device)
-    ddelta = torch.empty(batch, channels, length, dtype=delta.dtype, device=u.device)
-    dz = None if z is None else torch.empty(batch, channels, length, dtype=z.dtype, device=u.device)
+    du, ddelta = _empty_in_layout(u), _empty_in_layout(delta)
+    dz = None if z is None else _empty_in_layout(z)
     dA = torch.zeros(channels, state, **f32)
-    dB = torch.zeros(batch, groups, state, length, **f32)
-    dC = torch.zeros_like(dB)
     dD = None if D is None else torch.zeros(channels, **f32)
     dbias = None if delta_bias is None else torch.zeros(channels, **f32)
     dh0 = torch.empty(batch, channels, state, **f32) if want_dh0 else None
+    inputs = [u, delta, A.contiguous(), B, C, u if D is None else D.contiguous(), u if z is None else z,
+              u if delta_bias is None else delta_bias.contiguous(), dy,
+              u if dlast is None else dlast.contiguous(), chunks]
+    strides = [*u.stride(), *delta.stride(), *_strides3(z, u), *dy.stride(), *du.stride(), *ddelta.stride(),
+               *_strides3(dz, du), *B.stride(), *C.stride()]
+    flags = dict(
+        N=state, BLOCK_N=plan.block_n, BLOCK_L=plan.block_l,
+        HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=delta_bias is not None,
+        HAS_DLAST=dlast is not None, SOFTPLUS=softplus, REVERSE=reverse, STORE_DH0=want_dh0,
+    )
+    per_group = channels // groups
+    sequential_block_e = _pow2_divisor(per_group, config.sequential_block_e)
+    num_eblocks = channels // sequential_block_e
+    if config.sequential_min_programs and batch * num_eblocks >= config.sequential_min_programs:
+        programs = batch * num_eblocks
+        scratch = torch.empty(programs, plan.block_l * sequential_block_e * plan.block_n, **f32)
+        # Each channel block's share of dB and dC, frames in order; summed over the group's blocks below.
+        dB_part = torch.empty(batch, num_eblocks, length, state, **f32)
+        dC_part = torch.empty_like(dB_part)
+        _scan_bwd_sequential_kernel[(programs,)](
+            *inputs, scratch, du, ddelta, dA, dB_part, dC_part, dA if dD is None else dD,
+            du if dz is None else dz, dA if dbias is None else dbias, dA if dh0 is None else dh0,
+            channels, length, per_group, num_eblocks, plan.num_chunks, *strides,
+            BLOCK_E=sequential_block_e, num_warps=config.sequential_num_warps, **flags,
+        )
+
+        def group_sum(part: torch.Tensor) -> torch.Tensor:  # -> (batch, groups, N, L)
+            return part.view(batch, groups, num_eblocks // groups, length, state).sum(2).transpose(2, 3)
+
+        return du, ddelta, dA, group_sum(dB_part), group_sum(dC_part), dD, dz, dbias, dh0
+    dB = torch.zeros(batch, groups, state, length, **f32)
+    dC = torch.zeros_like(dB)
     seg_decay = torch.empty(batch, channels, plan.num_seg, state, **f32)
     seg_grad = torch.empty_like(seg_decay)
     args = [
-        u, delta, A.contiguous(), B, C,
-        u if D is None else D.contiguous(), u if z is None else z,
-        u if delta_bias is None else delta_bias.contiguous(),
-        dy, u if dlast is None else dlast.contiguous(), chunks, seg_decay, seg_grad,
+        *inputs, seg_decay, seg_grad,
         du, ddelta, dA, dB, dC, dA if dD is None else dD, du if dz is None else dz,
         dA if dbias is None else dbias, dA if dh0 is None else dh0,
-        channels, length, channels // groups, groups, plan.num_eblocks, plan.num_chunks, plan.chunks_per_seg,
-        plan.num_seg, *u.stride(), *delta.stride(), *_strides3(z, u), *dy.stride(), *B.stride(), *C.stride(),
+        channels, length, per_group, groups, plan.num_eblocks, plan.num_chunks, plan.chunks_per_seg,
+        plan.num_seg, *strides,
     ]
-    flags = dict(
-        N=state, BLOCK_N=plan.block_n, BLOCK_E=plan.block_e, BLOCK_L=plan.block_l,
-        HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=delta_bias is not None,
-        HAS_DLAST=dlast is not None, SOFTPLUS=softplus, REVERSE=reverse, STORE_DH0=want_dh0,
-        num_warps=plan.num_warps,
-    )
+    flags.update(BLOCK_E=plan.block_e, num_warps=plan.num_warps)
     grid = (batch * plan.num_eblocks, plan.num_seg)
     if plan.num_seg > 1:
         _scan_bwd_kernel[grid](*args, SUMMARY=True, **flags)
