@@ -52,17 +52,25 @@ SHAPES = [
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 
-def make_inputs(batch, channels, length, dtype, grad):
+def make_inputs(batch, channels, length, dtype, grad, layout="channel-last"):
+    """Scan inputs. ``channel-last``: as the Mamba mixer passes them (frames of its projections,
+    read through transposed views); ``channel-first``: contiguous (batch, E, L) and (batch, N, L)."""
     g = torch.Generator(device="cuda").manual_seed(0)
     rand = lambda *s: torch.randn(*s, device="cuda", generator=g)  # noqa: E731
+
+    def activation(*shape, scale=1.0):  # (batch, channels or N, length)
+        if layout == "channel-first":
+            return (scale * rand(*shape)).to(dtype)
+        return (scale * rand(shape[0], shape[2], shape[1])).to(dtype).transpose(1, 2)
+
     inputs = dict(
-        u=rand(batch, channels, length).to(dtype),
-        delta=(0.5 * rand(batch, channels, length)).to(dtype),
+        u=activation(batch, channels, length),
+        delta=activation(batch, channels, length, scale=0.5),
         A=-0.5 - 4 * torch.rand(channels, N_STATE, device="cuda", generator=g),
-        B=rand(batch, N_STATE, length).to(dtype),
-        C=rand(batch, N_STATE, length).to(dtype),
+        B=activation(batch, N_STATE, length),
+        C=activation(batch, N_STATE, length),
         D=rand(channels),
-        z=rand(batch, channels, length).to(dtype),
+        z=activation(batch, channels, length),
         delta_bias=0.5 * rand(channels) - 1,
     )
     return {k: v.requires_grad_(grad) for k, v in inputs.items()}
@@ -121,7 +129,7 @@ def benchmark(args):
         for dtype_name in args.dtypes.split(","):
             dtype = DTYPES[dtype_name]
             for backward in (False, True):
-                inputs = make_inputs(batch, channels, length, dtype, backward)
+                inputs = make_inputs(batch, channels, length, dtype, backward, args.layout)
                 moved = bytes_moved(batch, channels, length, dtype, backward)
                 for backend in backends:
                     try:
@@ -144,7 +152,7 @@ def benchmark(args):
         writer.writerows(rows)
     lines = [f"# Selective-scan kernels, {header()}", "",
              f"Device-to-device copy: {ceiling:.0f} GB/s; H100 peak {H100_PEAK_GBS:.0f} GB/s. "
-             "GB/s = bytes that must move / median time; N = 16, forward direction, contiguous inputs.", ""]
+             f"GB/s = bytes that must move / median time; N = 16, forward direction, {args.layout} inputs.", ""]
     for backward in ("fwd", "fwd+bwd"):
         lines += [f"## {backward}", "", "| shape (batch, E, L) | dtype | " + " | ".join(
             f"{b} ms | {b} GB/s | {b} MiB" for b in backends) + " | torch / triton |",
@@ -169,11 +177,13 @@ def sweep(args):
 
     configs = {f"{e}x{l}w{w}": ScanConfig(block_e=e, block_l=l, num_warps=w, sequential_min_programs=0)
                for e, l, w in [(16, 32, 4), (32, 16, 4), (16, 32, 2), (8, 32, 2)]}
-    configs.update({f"seq{e}": ScanConfig(sequential_min_programs=1, sequential_block_e=e) for e in (8, 16, 32)})
+    configs.update({f"seq{e}w{w}": ScanConfig(sequential_min_programs=1, sequential_block_e=e,
+                                              sequential_num_warps=w)
+                    for e, w in [(8, 1), (16, 1), (16, 2), (32, 1), (32, 2)]})
     for name, batch, channels, length in [SHAPES[0], SHAPES[3], SHAPES[8]]:
         for dtype_name in args.dtypes.split(","):
             for backward in (False, True):
-                inputs = make_inputs(batch, channels, length, DTYPES[dtype_name], backward)
+                inputs = make_inputs(batch, channels, length, DTYPES[dtype_name], backward, args.layout)
                 times = []
                 for label, config in configs.items():
                     # The backward pass uses the forward pass's chunks.
@@ -202,6 +212,8 @@ def main():
     parser.add_argument("--backends", default="triton,torch,mamba_ssm")
     parser.add_argument("--dtypes", default="fp32,bf16")
     parser.add_argument("--sweep", action="store_true", help="time tile sizes of the Triton kernels instead")
+    parser.add_argument("--layout", choices=["channel-last", "channel-first"], default="channel-last",
+                        help="memory layout of the activations (channel-last: as the Mamba mixer passes them)")
     args = parser.parse_args()
     if not torch.cuda.is_available():
         sys.exit("needs a CUDA GPU")

@@ -145,11 +145,11 @@ def main() -> None:
         f"Command: `python benchmarks/profile_model.py {' '.join(sys.argv[1:])}`",
         "",
     ]
+    args.out.mkdir(parents=True, exist_ok=True)
     for case in cases:
         lines += profile_case(modules, num_spks, case, device, args.repeats, args.top)
         print("\n".join(lines[-8:]), flush=True)
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "profile.md").write_text("\n".join(lines))
+        (args.out / "profile.md").write_text("\n".join(lines))  # after each case: a cut-off run keeps them
     print(f"wrote {args.out / 'profile.md'}")
 
 

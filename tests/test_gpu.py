@@ -76,11 +76,59 @@ def test_triton_on_model_shapes_matches_torch(shape, reverse, dtype):
         assert_close(grads[name] / scale, grads_ref[name] / scale, dtype, f"grad {name}")
 
 
+@pytest.mark.skipif(not HAS_GPU or not load_triton_scan(), reason="needs triton")
+@pytest.mark.parametrize("reverse", [False, True])
+@pytest.mark.parametrize("shape", [(40, 512, 16, 250), (260, 256, 16, 33)], ids=lambda s: "b{}e{}n{}L{}".format(*s))
+def test_triton_on_channel_last_inputs_as_the_mixer_passes_them(shape, reverse):
+    """Frames of the projections, read through transposed views; outputs and gradients in the same layout."""
+    batch, channels, state, length = shape
+    inputs = make_inputs(batch, channels, state, length, device="cuda")
+    for name in ("u", "delta", "z", "B", "C"):
+        inputs[name] = inputs[name].detach().transpose(1, 2).contiguous().transpose(1, 2).requires_grad_()
+    y_ref, last_ref, grads_ref = run_scan(inputs, "torch", reverse)
+    y, last, grads = run_scan(inputs, "triton", reverse)
+    assert y.stride(1) == 1 and grads["u"].stride(1) == 1 and grads["delta"].stride(1) == 1
+    assert_close(y, y_ref, torch.float32, "output")
+    for name in grads:
+        scale = grads_ref[name].abs().max().clamp_min(1.0)
+        assert_close(grads[name] / scale, grads_ref[name] / scale, torch.float32, f"grad {name}")
+
+
 def test_bimamba_on_gpu_matches_cpu():
+    """Triton convolution and scan on CUDA against the PyTorch ones on the CPU: output and every gradient."""
     mixer = BiMamba(32)
-    x = torch.randn(2, 100, 32)
+    x = torch.randn(2, 100, 32, requires_grad=True)
     expected = mixer(x)
-    torch.testing.assert_close(mixer.cuda()(x.cuda()).cpu(), expected, rtol=1e-4, atol=1e-4)
+    expected_grads = torch.autograd.grad(expected.pow(2).sum(), [x, *mixer.parameters()])
+    gpu_mixer, gpu_x = mixer.cuda(), x.detach().cuda().requires_grad_()
+    out = gpu_mixer(gpu_x)
+    grads = torch.autograd.grad(out.pow(2).sum(), [gpu_x, *gpu_mixer.parameters()])
+    torch.testing.assert_close(out.cpu(), expected, rtol=1e-4, atol=1e-4)
+    for grad, expected_grad in zip(grads, expected_grads):
+        torch.testing.assert_close(grad.cpu(), expected_grad, rtol=1e-3, atol=1e-3)
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        out_bf16 = gpu_mixer(gpu_x)
+    out_bf16.float().pow(2).sum().backward()
+    torch.testing.assert_close(out_bf16.float().cpu(), expected, rtol=0.05, atol=0.05)
+
+
+def test_cuda_graph_replay_matches_eager_forward():
+    from speechbrain_mamba.inference import CUDAGraphCache
+    from speechbrain_mamba.separation.separator import separate_mixture
+    from conftest import load_model_hparams
+
+    modules = torch.nn.ModuleDict(load_model_hparams("dpmamba_xs")["modules"]).cuda().eval()
+    graphed = CUDAGraphCache(lambda mix: separate_mixture(modules, mix, 2), max_graphs=1)
+    with torch.inference_mode():
+        for samples in (8000, 8000, 12000):  # capture, replay on new data, a second shape evicts the first
+            mixture = torch.randn(1, samples, device="cuda")
+            torch.testing.assert_close(graphed(mixture), separate_mixture(modules, mixture, 2), rtol=1e-4,
+                                       atol=1e-4)
+            assert len(graphed) == 1
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            mixture = torch.randn(1, 8000, device="cuda")
+            replayed = graphed(mixture)
+            torch.testing.assert_close(replayed, separate_mixture(modules, mixture, 2), rtol=0.02, atol=0.02)
 
 
 def test_single_group_norm_on_gpu_matches_group_norm():

@@ -21,6 +21,7 @@ from hyperpyyaml import load_hyperpyyaml, resolve_references
 from speechbrain_mamba.inference import (
     AudioError,
     CheckpointMismatchError,
+    CUDAGraphCache,
     MambaSeparator,
     export_model,
     load_module_checkpoints,
@@ -360,6 +361,16 @@ def test_separate_command_real_model(dpmamba_folder, tmp_path, capfd):
     assert [p.stat().st_mtime_ns for p in outputs] == before
     assert separate_main(args + ["--overwrite", "--precision", "bf16"]) == 0
     assert [p.stat().st_mtime_ns for p in outputs] != before
+    assert separate_main(args + ["--overwrite", "--cuda-graphs"]) == 0  # on the CPU: the eager forward
+
+
+def test_cuda_graph_cache_off_cuda_calls_the_function_and_checks_its_arguments():
+    calls = []
+    graphed = CUDAGraphCache(lambda x: calls.append(x) or 2 * x)
+    torch.testing.assert_close(graphed(torch.ones(3)), torch.full((3,), 2.0))
+    assert len(calls) == 1 and len(graphed) == 0  # nothing captured on the CPU (the GPU test replays)
+    with pytest.raises(ValueError, match="max_graphs"):
+        CUDAGraphCache(lambda x: x, max_graphs=0)
 
 
 def test_separate_folder_reports_bad_files_and_writes_only_good_ones(dpmamba_folder, tmp_path, capfd):

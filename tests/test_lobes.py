@@ -175,6 +175,16 @@ def test_dual_path_model_with_fast_norm_equals_stock_model():
     torch.testing.assert_close(ours(x), stock(x), rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.parametrize("length", [1, 4, 5, 9, 10, 11, 45])
+def test_dual_path_padding_equals_stock_padding(length):
+    ours = DualPathModel(4, 4, MambaStack(4), MambaStack(4), K=10)
+    x = torch.randn(2, 4, length)
+    padded, gap = ours._padding(x, 10)
+    stock_padded, stock_gap = Dual_Path_Model._padding(ours, x, 10)
+    assert gap == stock_gap
+    torch.testing.assert_close(padded, stock_padded, rtol=0, atol=0)
+
+
 def test_dual_path_model_refuses_shared_intra_inter_instance():
     block = MambaStack(16)
     with pytest.raises(ValueError, match="separate instances"):

@@ -1,58 +1,27 @@
 """The Triton scan's kernel logic on the CPU, through Triton's interpreter (``TRITON_INTERPRET=1``).
 
-Triton reads ``TRITON_INTERPRET`` when its ``@triton.jit`` decorators run (its
-own library functions included), so the fixture imports fresh copies of triton
-and of the kernel module with the variable set, and puts the modules it found
-back afterwards (a GPU test in the same session then compiles the kernels for
-real). Tiles are tiny (2 channels x 8 frames) so that a few frames
-already cross chunk and segment boundaries.
+The fixture imports a fresh copy of the kernel module with the interpreter on
+(``tests/triton_interpret.py``) and puts the real one back afterwards. Tiles
+are tiny (2 channels x 8 frames) so that a few frames already cross chunk and
+segment boundaries.
 """
 
-import importlib
 import importlib.util
-import os
-import sys
 
 import pytest
 import torch
 
 from speechbrain_mamba.ops.scan_reference import selective_scan_reference
 from test_selective_scan import assert_close, make_inputs
-
-MODULE = "speechbrain_mamba.ops.scan_triton"
-
-
-def _take_modules():
-    """Removes the kernel module and triton's Python modules from ``sys.modules`` and returns them.
-
-    The compiled extension (``triton._C``) stays: it cannot be loaded twice.
-    """
-    names = [n for n in sys.modules if n == MODULE or n == "triton"
-             or (n.startswith("triton.") and not n.startswith("triton._C"))]
-    return {n: sys.modules.pop(n) for n in names}
+from triton_interpret import interpreted
 
 
 @pytest.fixture(scope="module")
 def kernels():
     if importlib.util.find_spec("triton") is None:
         pytest.skip("needs triton")
-    saved_env, saved_modules = os.environ.get("TRITON_INTERPRET"), _take_modules()
-    os.environ["TRITON_INTERPRET"] = "1"
-    try:
-        yield importlib.import_module(MODULE)
-    finally:
-        _take_modules()
-        sys.modules.update(saved_modules)
-        # The fresh import also set the package's attribute: point it back as well.
-        package = sys.modules[MODULE.rpartition(".")[0]]
-        if MODULE in saved_modules:
-            package.scan_triton = saved_modules[MODULE]
-        elif hasattr(package, "scan_triton"):
-            del package.scan_triton
-        if saved_env is None:
-            os.environ.pop("TRITON_INTERPRET", None)
-        else:
-            os.environ["TRITON_INTERPRET"] = saved_env
+    with interpreted("speechbrain_mamba.ops.scan_triton") as module:
+        yield module
 
 
 def scan(kernels, backend, inputs, reverse, softplus=True, segments=False, sequential=False,

@@ -9,6 +9,7 @@ from speechbrain.inference.interfaces import Pretrained
 
 from speechbrain_mamba.inference.audio import check_mixture, read_mixture
 from speechbrain_mamba.inference.chunking import separate_in_chunks
+from speechbrain_mamba.inference.cuda_graphs import CUDAGraphCache
 from speechbrain_mamba.separation.separator import separate_mixture
 
 PathLike = Union[str, os.PathLike]
@@ -45,6 +46,25 @@ class MambaSeparator(Pretrained):
     """
 
     HPARAMS_NEEDED = ["num_spks", "sample_rate"]
+    cuda_graphs = None
+
+    def use_cuda_graphs(self, max_graphs: int = 4) -> None:
+        """Runs later CUDA separations through captured CUDA graphs, one per input shape.
+
+        Worth it for short inputs, where launching kernels costs more than
+        running them, and for chunked long recordings (all chunks but the last
+        share a shape). The first separation of each shape is slower (warm-up
+        and capture); each kept graph holds one forward's memory. See
+        :class:`~speechbrain_mamba.inference.cuda_graphs.CUDAGraphCache`.
+
+        Arguments
+        ---------
+        max_graphs : int
+            Number of input shapes whose graphs are kept.
+        """
+        self.cuda_graphs = CUDAGraphCache(
+            lambda mix: separate_mixture(self.mods, mix, self.hparams.num_spks), max_graphs=max_graphs
+        )
 
     def separate_batch(self, mix: torch.Tensor) -> torch.Tensor:
         """Separates a batch of mixtures at the model's sampling rate.
@@ -60,7 +80,10 @@ class MambaSeparator(Pretrained):
             [batch, time, num_spks] float32 estimates, on the model's device.
         """
         with torch.no_grad(), self.inference_ctx:
-            return separate_mixture(self.mods, mix.to(self.device), self.hparams.num_spks).float()
+            mix = mix.to(self.device)
+            if self.cuda_graphs is not None:
+                return self.cuda_graphs(mix).float()
+            return separate_mixture(self.mods, mix, self.hparams.num_spks).float()
 
     def forward(self, mix: torch.Tensor) -> torch.Tensor:
         """Same as :meth:`separate_batch`."""

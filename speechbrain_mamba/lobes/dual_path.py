@@ -1,6 +1,10 @@
-"""Dual-path mask networks: SpeechBrain's Dual_Path_Model with a fast norm."""
+"""Dual-path mask networks: SpeechBrain's Dual_Path_Model with a fast norm and on-device padding."""
 
+from typing import Tuple
+
+import torch
 import torch.nn as nn
+import torch.nn.functional as F
 from speechbrain.lobes.models.dual_path import Dual_Path_Model
 
 from speechbrain_mamba.lobes.norms import replace_single_group_norms
@@ -8,7 +12,9 @@ from speechbrain_mamba.lobes.norms import replace_single_group_norms
 
 class DualPathModel(Dual_Path_Model):
     """SpeechBrain's ``Dual_Path_Model`` whose ``GroupNorm(1, N)`` norms are
-    :class:`~speechbrain_mamba.lobes.norms.SingleGroupNorm`.
+    :class:`~speechbrain_mamba.lobes.norms.SingleGroupNorm`, and whose chunk
+    padding is made on the input's device (the stock one builds zeros on the
+    CPU and copies them over, which also rules out capturing CUDA graphs).
 
     Same arguments, same outputs (up to float rounding), same state-dict keys:
     checkpoints of ``Dual_Path_Model`` load unchanged. With Mamba stacks as
@@ -49,3 +55,9 @@ class DualPathModel(Dual_Path_Model):
             )
         super().__init__(in_channels, out_channels, intra_model, inter_model, **kwargs)
         replace_single_group_norms(self)
+
+    def _padding(self, input: torch.Tensor, K: int) -> Tuple[torch.Tensor, int]:
+        """Zero-pads [B, N, L] by K // 2 on the left and K // 2 + gap on the right, as the stock method."""
+        hop = K // 2
+        gap = K - (hop + input.shape[-1] % K) % K
+        return F.pad(input, (hop, gap + hop)), gap

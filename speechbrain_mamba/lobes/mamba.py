@@ -14,7 +14,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from speechbrain_mamba.ops import selective_scan
+from speechbrain_mamba.ops import causal_conv1d_silu, resolve_backend, selective_scan
 
 
 def _inverse_softplus(x: torch.Tensor) -> torch.Tensor:
@@ -149,7 +149,12 @@ class Mamba(nn.Module):
         state: Optional[MambaState] = None,
         streaming: bool = False,
     ) -> Union[torch.Tensor, Tuple[torch.Tensor, MambaState]]:
-        """One direction: conv, SiLU, projections, scan. ``x``, ``z``: [B, E, L].
+        """One direction: conv, SiLU, projections, scan. ``x``, ``z``: [B, L, E].
+
+        Activations stay channel-last (time frames of the projections) from
+        ``in_proj`` to ``out_proj``; the scan reads them through transposed
+        views and, on CUDA, writes its output in the same layout, so no
+        transposing copy is made. Returns [B, E, L] (a view).
 
         With ``streaming`` (forward direction only) the convolution continues
         from ``state.conv`` and the scan from ``state.ssm`` (zeros if ``state``
@@ -161,31 +166,33 @@ class Mamba(nn.Module):
         A_log = getattr(self, "A_log" if not suffix else f"A{suffix}_log")
         D = getattr(self, "D" + suffix)
 
-        # Causal conv: pad on the left. The reverse direction is anti-causal: the
-        # same filter reversed, padded on the right; no activation is flipped.
-        # Streaming: the previous chunk's last inputs take the place of the padding.
+        # Causal conv (anti-causal in reverse: no activation is flipped). Streaming: the
+        # previous chunk's last inputs go before the chunk, and their outputs are dropped.
+        history = self.d_conv - 1
         if streaming:
-            history = x.new_zeros(*x.shape[:2], self.d_conv - 1) if state is None else state.conv.to(x.dtype)
-            x = torch.cat([history, x], dim=-1)
-            conv_state = x[..., x.shape[-1] - (self.d_conv - 1) :]
-        else:
-            x = F.pad(x, (self.d_conv - 1, 0) if not reverse else (0, self.d_conv - 1))
-        weight = conv.weight.flip(-1) if reverse else conv.weight
-        x = F.silu(F.conv1d(x, weight, conv.bias, groups=self.d_inner))
+            if state is None:
+                previous = x.new_zeros(x.shape[0], history, x.shape[2])
+            else:
+                previous = state.conv.to(x.dtype).transpose(1, 2)
+            x = torch.cat([previous, x], dim=1)
+            conv_state = x[:, x.shape[1] - history :].transpose(1, 2)
+        # The PyTorch scans come with the PyTorch convolution; otherwise it follows the device.
+        conv_backend = "torch" if resolve_backend(x, self.scan_backend) in ("torch", "reference") else None
+        x = causal_conv1d_silu(x, conv.weight, conv.bias, reverse=reverse, backend=conv_backend)
+        if streaming:
+            x = x[:, history:]
 
-        dt, B, C = torch.split(
-            x_proj(x.transpose(1, 2)), [self.dt_rank, self.d_state, self.d_state], dim=-1
-        )
+        dt, B, C = torch.split(x_proj(x), [self.dt_rank, self.d_state, self.d_state], dim=-1)
         # The dt bias is added in fp32 inside the scan, as mamba-ssm does.
-        dt = F.linear(dt, dt_proj.weight).transpose(1, 2)
+        dt = F.linear(dt, dt_proj.weight)
         out = selective_scan(
-            x,
-            dt,
+            x.transpose(1, 2),
+            dt.transpose(1, 2),
             -torch.exp(A_log.float()),
             B.transpose(1, 2),
             C.transpose(1, 2),
             D=D.float(),
-            z=z,
+            z=z.transpose(1, 2),
             delta_bias=dt_proj.bias.float(),
             delta_softplus=True,
             return_last_state=streaming,
@@ -204,7 +211,7 @@ class Mamba(nn.Module):
                 f"{type(self).__name__} expects [batch, time, {self.d_model}]; "
                 f"got {tuple(hidden.shape)}."
             )
-        x, z = self.in_proj(hidden).transpose(1, 2).chunk(2, dim=1)
+        x, z = self.in_proj(hidden).chunk(2, dim=-1)
         return x, z
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
@@ -283,7 +290,8 @@ class BiMamba(Mamba):
         x, z = self._project_in(hidden)
         y_forward = self._scan_direction(x, z, "", reverse=False)
         y_backward = self._scan_direction(x, z, "_b", reverse=True)
-        return self.out_proj((0.5 * (y_forward + y_backward)).transpose(1, 2))
+        # The average of both directions, in one kernel.
+        return self.out_proj(torch.lerp(y_forward, y_backward, 0.5).transpose(1, 2))
 
 
 class RMSNorm(nn.Module):
@@ -309,10 +317,8 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(d_model))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Normalises in fp32, returns x's dtype."""
-        x32 = x.float()
-        normed = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
-        return (normed * self.weight.float()).to(x.dtype)
+        """Normalises in fp32 (one fused kernel where PyTorch has one), returns x's dtype."""
+        return F.rms_norm(x.float(), (x.shape[-1],), self.weight.float(), self.eps).to(x.dtype)
 
 
 class MambaBlock(nn.Module):

@@ -1,5 +1,6 @@
-"""The selective scan behind one function, with interchangeable backends."""
+"""The selective scan behind one function, with interchangeable backends, and the mixer's causal convolution."""
 
+from speechbrain_mamba.ops.causal_conv import causal_conv1d_silu
 from speechbrain_mamba.ops.selective_scan import BACKEND_ENV_VAR, BACKENDS, resolve_backend, selective_scan
 
-__all__ = ["BACKEND_ENV_VAR", "BACKENDS", "resolve_backend", "selective_scan"]
+__all__ = ["BACKEND_ENV_VAR", "BACKENDS", "causal_conv1d_silu", "resolve_backend", "selective_scan"]

@@ -542,8 +542,9 @@ def _scan_bwd_sequential_kernel(
         k = num_chunks - 1 - j
         h = tl.load(chunk_ptr + ((pid_b * E + offs_e[:, None]) * num_chunks + k) * N + offs_n[None, :],
                     mask=en_mask, other=0.0)
-        # States of the chunk, in scan order, into the scratch slot.
-        for i in tl.static_range(BLOCK_L):
+        # States of the chunk, in scan order, into the scratch slot. The frame loops are not
+        # unrolled: unrolled, the kernel takes minutes to compile.
+        for i in range(0, BLOCK_L):
             if REVERSE:
                 t = L - 1 - k * BLOCK_L - i
             else:
@@ -558,7 +559,7 @@ def _scan_bwd_sequential_kernel(
             tl.store(scratch + i * (BLOCK_E * BLOCK_N), h)
         # The scratch slot is written and read by the same threads (same layout), but make it explicit.
         tl.debug_barrier()
-        for r in tl.static_range(BLOCK_L):
+        for r in range(0, BLOCK_L):
             i = BLOCK_L - 1 - r
             if REVERSE:
                 t = L - 1 - k * BLOCK_L - i
