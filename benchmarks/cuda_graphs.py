@@ -43,13 +43,11 @@ def measure(modules, num_spks: int, seconds: float, dtype: str, repeats: int) ->
             graphed(mixture)
 
     before = torch.cuda.memory_allocated()
-    try:
-        graphed_step()  # warm-up and capture
-    except RuntimeError as error:  # e.g. a host-to-device copy inside the forward
-        torch.cuda.synchronize()
+    graphed_step()  # warm-up and capture
+    if graphed.capture_error is not None:  # e.g. a host-to-device copy inside the forward
         return dict(seconds=seconds, dtype=dtype, eager_ms=round(bench_utils.median(eager_times), 2),
                     eager_peak_MiB=round(eager_peak, 1), graph_ms=None, graph_MiB=None, speedup=None,
-                    capture_error=str(error).split("\n")[0][:160])
+                    capture_error=graphed.capture_error[:160])
     held = (torch.cuda.memory_allocated() - before) / 2**20
     graph_times, _ = bench_utils.time_and_memory(graphed_step, device, warmup=1, repeats=repeats)
     graphed.clear()

@@ -8,11 +8,14 @@ per input shape, which suits chunked inference (every chunk but the last has
 the same length) and services that pad requests to a few lengths.
 """
 
+import logging
 from collections import OrderedDict
 from dataclasses import dataclass
-from typing import Callable, Tuple
+from typing import Callable, Optional, Tuple
 
 import torch
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -32,7 +35,9 @@ class CUDAGraphCache:
     graphs are kept (least recently used dropped), each holding the memory of
     one forward. Calls outside CUDA, or that need gradients, run ``function``
     directly. The function must be free of host synchronisation and of
-    data-dependent control flow (separation forwards are).
+    data-dependent control flow (our separation forwards are); if a capture
+    fails (e.g. SpeechBrain's stock ``Dual_Path_Model`` copies CPU tensors),
+    a warning says why and every later call runs eagerly (``capture_error``).
 
     Arguments
     ---------
@@ -57,17 +62,24 @@ class CUDAGraphCache:
         self.max_graphs = max_graphs
         self.warmup = warmup
         self._graphs: "OrderedDict[Tuple, _Captured]" = OrderedDict()
+        self.capture_error: Optional[str] = None
 
     def __len__(self) -> int:
         return len(self._graphs)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        if not x.is_cuda or torch.is_grad_enabled():
+        if not x.is_cuda or torch.is_grad_enabled() or self.capture_error is not None:
             return self.function(x)
         key = (tuple(x.shape), x.dtype, x.device, torch.is_autocast_enabled("cuda"), torch.get_autocast_dtype("cuda"))
         captured = self._graphs.get(key)
         if captured is None:
-            captured = self._capture(x)
+            try:
+                captured = self._capture(x)
+            except RuntimeError as error:  # e.g. a host-to-device copy inside the function
+                self.capture_error = str(error).split("\n")[0]
+                logger.warning("CUDA graphs are off: capturing the forward failed (%s); running it eagerly.",
+                               self.capture_error)
+                return self.function(x)
             self._graphs[key] = captured
             while len(self._graphs) > self.max_graphs:
                 self._graphs.popitem(last=False)

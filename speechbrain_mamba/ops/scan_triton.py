@@ -28,11 +28,18 @@ channel-block's share into an fp32 buffer with atomic adds (so their last bits
 vary from run to run). ``A``, ``D`` and ``delta_bias`` are summed likewise
 over the sequences.
 
-Speed on an H100 (benchmarks/results/gpu_scan_kernels.md): 2-19x the PyTorch
-backend, but 1.3-4x slower than mamba-ssm's CUDA kernel and at 1-8% of HBM
-bandwidth: the per-state loop is latency-bound (each state's carry goes through
-a layout conversion, and B_n/C_n loads are not prefetched). Those are the next
-things to remove.
+Many sequences (DPMamba's intra- and inter-chunk scans) are scanned frame by
+frame instead (``_scan_fwd_sequential_kernel``, ``_scan_bwd_sequential_kernel``):
+one program keeps the ``(channels, N)`` state of its channel block in registers
+and reads each frame once; the backward kernel recomputes a chunk's states into
+a per-program scratch slot and walks the adjoint back through them.
+
+Outputs and gradients are written in the layout of their inputs, so the mixer's
+channel-last activations (frames of its projections) stay channel-last.
+
+Speed on an H100 (benchmarks/results/gpu_scan_kernels_2026-11-24.md): forward +
+backward 1.0-8.2 ms on DPMamba's 4-60 s shapes, at 2-10 % of the memory
+bandwidth; the kernels have not been profiled at the instruction level yet.
 """
 
 import os
