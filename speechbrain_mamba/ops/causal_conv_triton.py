@@ -56,8 +56,10 @@ class ConvConfig:
                 raise ValueError(f"ConvConfig.{name} must be a power of two; got {value}.")
 
 
-# First sweep on an H100, x a strided half of xz, K = 4. Forward: at HBM bandwidth with most tiles of
-# 64-256 channels (DPMamba's (481, 250, 512): 176 us fp32, 106 us bf16; SepMamba's (1, 16000, 256): 18 us).
+# From a one-off tile sweep during development (H100, x a strided half of xz, K = 4; its script was not kept,
+# so the times are indicative; benchmarks/profile_model.py gives the model-level ones). Forward: at HBM
+# bandwidth with most tiles of 64-256 channels (DPMamba's (481, 250, 512): 176 us fp32, 106 us bf16;
+# SepMamba's (1, 16000, 256): 18 us).
 # Backward (g recomputed at K shifts: K^2 + K tile loads per tile) likes few warps: 32 x 64 with 2 warps
 # took 805 / 686 us (fp32 / bf16) on the former, 93 / 76 us on the latter, within 20% of the best tile of
 # each; that pass is still 3x slower than its HBM floor.
