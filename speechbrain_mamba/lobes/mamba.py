@@ -176,8 +176,10 @@ class Mamba(nn.Module):
                 previous = state.conv.to(x.dtype).transpose(1, 2)
             x = torch.cat([previous, x], dim=1)
             conv_state = x[:, x.shape[1] - history :].transpose(1, 2)
-        # The PyTorch scans come with the PyTorch convolution; otherwise it follows the device.
-        conv_backend = "torch" if resolve_backend(x, self.scan_backend) in ("torch", "reference") else None
+        initial_state = None if state is None else state.ssm
+        # Resolved once for both ops: the PyTorch scans come with the PyTorch convolution.
+        scan_backend = resolve_backend(x, self.scan_backend, initial_state)
+        conv_backend = "torch" if scan_backend in ("torch", "reference") else None
         x = causal_conv1d_silu(x, conv.weight, conv.bias, reverse=reverse, backend=conv_backend)
         if streaming:
             x = x[:, history:]
@@ -196,9 +198,9 @@ class Mamba(nn.Module):
             delta_bias=dt_proj.bias.float(),
             delta_softplus=True,
             return_last_state=streaming,
-            initial_state=None if state is None else state.ssm,
+            initial_state=initial_state,
             reverse=reverse,
-            backend=self.scan_backend,
+            backend=scan_backend,
         )
         if not streaming:
             return out

@@ -1,11 +1,12 @@
 """Causal depthwise convolution + SiLU of the Mamba mixer, channel-last, with a Triton and a PyTorch backend."""
 
 import functools
-import os
 from typing import Callable, Optional
 
 import torch
 import torch.nn.functional as F
+
+from speechbrain_mamba.ops.triton_support import interpreting
 
 CONV_BACKENDS = ("auto", "torch", "triton")
 # Larger kernels run on the PyTorch backend (the Triton kernels unroll K^2 tile loads);
@@ -25,10 +26,6 @@ def load_triton_conv() -> Optional[Callable]:
     except ImportError:
         return None
     return causal_conv1d_silu_triton
-
-
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET") == "1"
 
 
 def _check_shapes(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> int:
@@ -56,10 +53,10 @@ def _resolve_backend(x: torch.Tensor, backend: Optional[str], kernel_size: int) 
         raise ValueError(f"backend={backend!r} is not a convolution backend; expected None or one of {CONV_BACKENDS}.")
     if name == "auto":
         use_triton = (
-            (x.is_cuda or _interpreting()) and kernel_size <= TRITON_MAX_KERNEL_SIZE and load_triton_conv() is not None
+            (x.is_cuda or interpreting()) and kernel_size <= TRITON_MAX_KERNEL_SIZE and load_triton_conv() is not None
         )
         return "triton" if use_triton else "torch"
-    if name == "triton" and not x.is_cuda and not _interpreting():
+    if name == "triton" and not x.is_cuda and not interpreting():
         raise ValueError(
             f"backend='triton' runs on CUDA tensors only (or under TRITON_INTERPRET=1); x is on {x.device}."
         )

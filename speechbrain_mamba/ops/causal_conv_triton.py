@@ -20,13 +20,14 @@ per time tile, ``(batch * num_time_tiles, E, K)``, that torch sums afterwards:
 no atomics, so the gradients are the same bits from run to run.
 """
 
-import os
 from dataclasses import dataclass
 from typing import Optional
 
 import torch
 import triton
 import triton.language as tl
+
+from speechbrain_mamba.ops.triton_support import check_32bit_offsets, interpreting
 
 MAX_KERNEL_SIZE = 8  # the kernels unroll K (forward) and K^2 (backward) tile loads
 
@@ -190,22 +191,11 @@ def _plan(batch: int, length: int, channels: int, config: ConvConfig) -> _Launch
     return _Launch(block_l, block_e, config.num_warps, triton.cdiv(length, block_l), triton.cdiv(channels, block_e))
 
 
-def _check_offsets(**tensors: torch.Tensor) -> None:
-    """Raises if an element of a tensor lies beyond the kernels' 32-bit offsets."""
-    for name, tensor in tensors.items():
-        reach = sum((n - 1) * abs(s) for n, s in zip(tensor.shape, tensor.stride()))
-        if tensor.numel() and reach > 2**31 - 1:
-            raise ValueError(
-                f"backend='triton' indexes with 32-bit offsets; {name} {tuple(tensor.shape)} with strides "
-                f"{tensor.stride()} reaches offset {reach} > 2**31 - 1. Use backend='torch' or split the batch."
-            )
-
-
 def _forward(x, weight2d, bias, reverse, config):
     batch, length, channels = x.shape
     plan = _plan(batch, length, channels, config)
     out = torch.empty(batch, length, channels, dtype=x.dtype, device=x.device)
-    _check_offsets(x=x, output=out)
+    check_32bit_offsets(x=x, output=out)
     if out.numel():
         grid = (batch * plan.num_lblocks, plan.num_eblocks)
         _conv_fwd_kernel[grid](
@@ -226,7 +216,7 @@ def _backward(x, weight2d, bias, dout, reverse, want_dx, want_dw, config):
     dx = torch.empty(batch, length, channels, dtype=x.dtype, device=x.device) if want_dx else None
     dw_part = torch.empty(rows if want_dw else 0, channels, kernel_size, **f32)
     db_part = torch.empty(rows if want_dw and bias is not None else 0, channels, **f32)
-    _check_offsets(grad_out=dout, weight_partials=dw_part)  # x and dx were checked with the output
+    check_32bit_offsets(grad_out=dout, weight_partials=dw_part)  # x and dx were checked with the output
     if x.numel():
         grid = (rows, plan.num_eblocks)
         _conv_bwd_kernel[grid](
@@ -272,10 +262,6 @@ class _TritonCausalConv(torch.autograd.Function):
         return dx, dw, db, None, None, None
 
 
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET") == "1"
-
-
 def causal_conv1d_silu_triton(
     x: torch.Tensor,
     weight: torch.Tensor,
@@ -314,7 +300,7 @@ def causal_conv1d_silu_triton(
     >>> causal_conv1d_silu_triton(x, weight, bias).is_contiguous()  # doctest: +SKIP
     True
     """
-    if not x.is_cuda and not _interpreting():
+    if not x.is_cuda and not interpreting():
         raise ValueError(f"backend='triton' runs on CUDA tensors only (or under TRITON_INTERPRET=1); "
                          f"x is on {x.device}.")
     for name, tensor in (("weight", weight), ("bias", bias)):

@@ -42,13 +42,14 @@ backward 1.0-8.2 ms on DPMamba's 4-60 s shapes, at 2-10 % of the memory
 bandwidth; the kernels have not been profiled at the instruction level yet.
 """
 
-import os
 from dataclasses import dataclass, replace
 from typing import Optional, Tuple
 
 import torch
 import triton
 import triton.language as tl
+
+from speechbrain_mamba.ops.triton_support import check_32bit_offsets, interpreting
 
 _LOG2E = tl.constexpr(1.4426950408889634)
 _LN2 = tl.constexpr(0.6931471805599453)
@@ -814,10 +815,6 @@ class _TritonScan(torch.autograd.Function):
         )
 
 
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET") == "1"
-
-
 def selective_scan_triton(
     u: torch.Tensor,
     delta: torch.Tensor,
@@ -850,12 +847,9 @@ def selective_scan_triton(
     -------
     (y, last_state): ``y`` in ``u``'s dtype, ``last_state`` in fp32.
     """
-    if not u.is_cuda and not _interpreting():
+    if not u.is_cuda and not interpreting():
         raise ValueError(f"backend='triton' runs on CUDA tensors only; u is on {u.device}.")
-    for tensor in (u, delta, z, B, C):
-        # Offsets are 32-bit inside the kernels.
-        if tensor is not None and sum((n - 1) * abs(s) for n, s in zip(tensor.shape, tensor.stride())) >= 2**31:
-            raise ValueError("backend='triton' indexes with 32-bit offsets; this input is too large.")
+    check_32bit_offsets(u=u, delta=delta, z=z, B=B, C=C)
     return _TritonScan.apply(
         u, delta, A, B, C, D, z, delta_bias, initial_state, bool(delta_softplus), bool(reverse),
         forward_config or FORWARD_CONFIG, backward_config or BACKWARD_CONFIG,
