@@ -7,6 +7,7 @@ short schedule of ``DEMO_OVERRIDES`` applied to the keys the file defines.
 """
 
 import dataclasses
+import os
 import logging
 import sys
 from pathlib import Path
@@ -96,10 +97,12 @@ def main(argv: Optional[List[str]] = None) -> None:
 
     Bad input data (a ``DataError``: the message names the file or folder and what was expected) ends the
     run with that message as one error line, no traceback, and ``SystemExit(2)`` (the error is its
-    ``__cause__``).
+    ``__cause__``). A finished distributed run (under ``torchrun``) ends its process here with status 0.
     """
+    distributed = False
     try:
         _run(argv)
+        distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
     except DataError as error:
         logger.error(f"Bad input data, stopping before training: {error}")
         raise SystemExit(2) from error
@@ -107,6 +110,14 @@ def main(argv: Optional[List[str]] = None) -> None:
         # Left to interpreter shutdown, the process group's threads can abort the process (SIGABRT).
         if torch.distributed.is_available() and torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()
+    if distributed:
+        # Even so, gloo sometimes aborts at interpreter shutdown ("terminate called without an active
+        # exception") after everything is written, and torchrun then reports the finished run as failed:
+        # a finished distributed process (this is its entry point) ends here, with status 0.
+        logging.shutdown()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(0)
 
 
 def _run(argv: Optional[List[str]]) -> None:
