@@ -108,6 +108,23 @@ def test_stack_with_one_block_is_norm_f_of_input_plus_mixer():
     torch.testing.assert_close(stack(x), stack.norm_f(x + block.mixer(block.norm(x))))
 
 
+def test_stack_runs_a_large_batch_in_groups_without_gradients():
+    """Same output as one pass; only without gradients, and only when the batch holds more frames than the limit."""
+    stack = MambaStack(16, num_layers=2, max_inference_frames=40)
+    x = torch.randn(7, 9, 16)
+    with torch.no_grad():
+        whole = stack._forward(x)
+        calls = []
+        hook = stack.layers[0].register_forward_hook(lambda module, args, out: calls.append(args[0].shape[0]))
+        grouped = stack(x)
+    assert calls == [4, 3]  # 40 frames // 9 per sequence = 4 sequences per group
+    torch.testing.assert_close(grouped, whole)
+    calls.clear()
+    stack(x)  # with gradients: one pass, whatever the size
+    assert calls == [7]
+    hook.remove()
+
+
 def test_stack_state_dict_keys():
     keys = set(MambaStack(16, num_layers=2).state_dict())
     for i in range(2):
