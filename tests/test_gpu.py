@@ -94,6 +94,43 @@ def test_triton_on_channel_last_inputs_as_the_mixer_passes_them(shape, reverse):
         assert_close(grads[name] / scale, grads_ref[name] / scale, torch.float32, f"grad {name}")
 
 
+@pytest.mark.skipif(not HAS_GPU or not load_triton_scan(), reason="needs triton")
+@pytest.mark.parametrize("reverse", [False, True])
+@pytest.mark.parametrize("shape", [(33, 512, 250), (250, 512, 33)], ids=lambda s: "b{}e{}L{}".format(*s))
+def test_triton_on_views_of_the_mixers_projections(shape, reverse):
+    """u and z halves of one in_proj output, B and C slices of one x_proj output (after the dt columns), as
+    the mixer passes them to the frame-by-frame kernels on DPMamba's 4 s shapes: y, last state and every
+    gradient against the PyTorch backend."""
+    batch, channels, length = shape
+    state, rank = 16, 16
+    g = torch.Generator(device="cuda").manual_seed(0)
+    xz = torch.randn(batch, length, 2 * channels, device="cuda", generator=g)
+    proj = torch.randn(batch, length, rank + 2 * state, device="cuda", generator=g)
+    leaves = dict(
+        xz=xz.requires_grad_(), proj=proj.requires_grad_(),
+        delta=(0.5 * torch.randn(batch, length, channels, device="cuda", generator=g)).requires_grad_(),
+        A=(-torch.rand(channels, state, device="cuda", generator=g) - 0.5).requires_grad_(),
+        D=torch.randn(channels, device="cuda", generator=g).requires_grad_(),
+        delta_bias=(0.1 * torch.randn(channels, device="cuda", generator=g)).requires_grad_(),
+    )
+    results = {}
+    for backend in ("torch", "triton"):
+        y, last = selective_scan(
+            xz[..., :channels].transpose(1, 2), leaves["delta"].transpose(1, 2), leaves["A"],
+            proj[..., rank:rank + state].transpose(1, 2), proj[..., rank + state:].transpose(1, 2),
+            D=leaves["D"], z=xz[..., channels:].transpose(1, 2), delta_bias=leaves["delta_bias"],
+            delta_softplus=True, return_last_state=True, reverse=reverse, backend=backend,
+        )
+        loss = (y * torch.linspace(-1, 1, length, device="cuda")).sum() + last.pow(2).sum()
+        results[backend] = (y, last, torch.autograd.grad(loss, list(leaves.values())))
+    (y_ref, last_ref, grads_ref), (y, last, grads) = results["torch"], results["triton"]
+    assert_close(y, y_ref, torch.float32, "output")
+    assert_close(last, last_ref, torch.float32, "last state")
+    for name, grad, grad_ref in zip(leaves, grads, grads_ref):
+        scale = grad_ref.abs().max().clamp_min(1.0)
+        assert_close(grad / scale, grad_ref / scale, torch.float32, f"grad {name}")
+
+
 def test_bimamba_on_gpu_matches_cpu():
     """Triton convolution and scan on CUDA against the PyTorch ones on the CPU: output and every gradient."""
     mixer = BiMamba(32)
