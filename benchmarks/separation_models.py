@@ -155,6 +155,23 @@ def count_gmac(modules: torch.nn.ModuleDict, num_spks: int, mixture: torch.Tenso
 
 
 # ----------------------------------------------------------------------------- plan
+def parse_model(spec: str) -> Tuple[str, Dict[str, object]]:
+    """``dpmamba_m`` or a variant ``dpmamba_m:checkpoint_blocks=true`` -> (hparams stem, hparams overrides)."""
+    stem, *settings = spec.split(":")
+    overrides: Dict[str, object] = {}
+    for setting in settings:
+        key, _, text = setting.partition("=")
+        value: object = {"true": True, "false": False}.get(text.lower(), text)
+        for number in (int, float):
+            try:
+                value = number(text)
+                break
+            except ValueError:
+                pass
+        overrides[key] = value
+    return stem, overrides
+
+
 @dataclasses.dataclass(frozen=True)
 class Point:
     """One measurement: ``kind`` is "infer", "train" or "gmac"."""
@@ -217,7 +234,8 @@ class Runner:
             raise RuntimeError(self.build_errors[name])
         if name not in self.models:
             try:
-                modules, num_spks, _ = load_model(HPARAMS_DIR / f"{name}.yaml", self.device)
+                stem, overrides = parse_model(name)
+                modules, num_spks, _ = load_model(HPARAMS_DIR / f"{stem}.yaml", self.device, overrides)
             except Exception as error:
                 self.build_errors[name] = f"model build failed: {error!r}"
                 raise
@@ -554,7 +572,8 @@ def parse_list(text: str, cast=str) -> list:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
-    parser.add_argument("--models", default=",".join(MODELS), help="comma-separated hparams/<name>.yaml stems")
+    parser.add_argument("--models", default=",".join(MODELS), help="comma-separated hparams/<name>.yaml stems; "
+                        "name:key=value[:key=value] overrides the file's hparams (e.g. dpmamba_m:checkpoint_blocks=true)")
     parser.add_argument("--lengths", help=f"inference lengths in seconds (default {','.join(map(str, LENGTHS))})")
     parser.add_argument("--dtypes", help="fp32 and/or bf16 (autocast); default both on CUDA, fp32 on the CPU "
                         "(where bf16 autocast is 5-20x slower than fp32)")
@@ -586,7 +605,7 @@ def main() -> None:
             setattr(args, name, value)
     device = torch.device(args.device)
     models = parse_list(args.models)
-    unknown = [m for m in models if not (HPARAMS_DIR / f"{m}.yaml").exists()]
+    unknown = [m for m in models if not (HPARAMS_DIR / f"{parse_model(m)[0]}.yaml").exists()]
     dtypes = parse_list(args.dtypes or ("fp32,bf16" if device.type == "cuda" else "fp32"))
     if unknown or any(d not in DTYPES for d in dtypes):
         parser.error(f"unknown model(s) {unknown} or dtype(s) {dtypes}")

@@ -125,6 +125,21 @@ def test_stack_runs_a_large_batch_in_groups_without_gradients():
     hook.remove()
 
 
+def test_stack_with_checkpointed_blocks_gives_the_same_gradients():
+    torch.manual_seed(0)
+    plain = MambaStack(16, num_layers=3)
+    checkpointed = MambaStack(16, num_layers=3, checkpoint_blocks=True)
+    checkpointed.load_state_dict(plain.state_dict())
+    x = torch.randn(2, 21, 16)
+    grads = []
+    for stack in (plain, checkpointed):
+        inputs = x.clone().requires_grad_()
+        loss = (stack(inputs) * torch.linspace(-1, 1, 16)).sum()
+        grads.append(torch.autograd.grad(loss, [inputs, *stack.parameters()]))
+    for expected, actual in zip(*grads):
+        torch.testing.assert_close(actual, expected)
+
+
 def test_stack_state_dict_keys():
     keys = set(MambaStack(16, num_layers=2).state_dict())
     for i in range(2):

@@ -13,6 +13,7 @@ from typing import List, NamedTuple, Optional, Tuple, Union
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 
 from speechbrain_mamba.ops import causal_conv1d_silu, resolve_backend, selective_scan
 
@@ -419,6 +420,10 @@ class MambaStack(nn.Module):
         with the activation memory of one group. DPMamba on a 60 s mixture
         passes ~120k frames per intra/inter call, whose projections would
         otherwise all be alive at once. None: never split.
+    checkpoint_blocks : bool
+        In training, keep only each block's inputs for the backward pass and
+        run the block again there (activation checkpointing): less memory for
+        about one more forward pass of compute.
     **mixer_kwargs
         Passed to every mixer (``d_state``, ``d_conv``, ``expand``, ``scan_backend``, ``reverse``...).
 
@@ -442,6 +447,7 @@ class MambaStack(nn.Module):
         norm_epsilon: float = 1e-5,
         final_norm: bool = True,
         max_inference_frames: Optional[int] = 2**16,
+        checkpoint_blocks: bool = False,
         **mixer_kwargs,
     ):
         super().__init__()
@@ -453,6 +459,7 @@ class MambaStack(nn.Module):
         )
         self.norm_f = _make_norm(norm, d_model, norm_epsilon) if final_norm else None
         self.max_inference_frames = max_inference_frames
+        self.checkpoint_blocks = checkpoint_blocks
         with torch.no_grad():
             for layer in self.layers:
                 layer.mixer.out_proj.weight /= math.sqrt(num_layers)
@@ -467,8 +474,13 @@ class MambaStack(nn.Module):
 
     def _forward(self, hidden: torch.Tensor) -> torch.Tensor:
         residual = None
+        recompute = self.checkpoint_blocks and self.training and torch.is_grad_enabled()
         for layer in self.layers:
-            hidden, residual = layer(hidden, residual)
+            if recompute:
+                # A block draws no random numbers: no RNG state to save and restore.
+                hidden, residual = checkpoint(layer, hidden, residual, use_reentrant=False, preserve_rng_state=False)
+            else:
+                hidden, residual = layer(hidden, residual)
         hidden = hidden + residual
         return hidden if self.norm_f is None else self.norm_f(hidden)
 
