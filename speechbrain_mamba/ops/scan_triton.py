@@ -98,6 +98,10 @@ class ScanConfig:
 # Tiles measured best for forward + backward on DPMamba's and SepMamba's shapes (H100, see
 # benchmarks/gpu_scan_kernels.py --sweep): few lanes along time keep the scan's shuffles few.
 FORWARD_CONFIG = ScanConfig()
+# The frame-by-frame forward kernel with 32 channels per program: 1.2-1.6x faster on DPMamba-M's fp32
+# shapes, slower on its 4 s intra-chunk shape in bf16 (H200, benchmarks/sweep_scan_forward.py,
+# benchmarks/results/scan_forward_sweep_2026-11-24.md). Used for 32-bit inputs.
+FORWARD_CONFIG_FP32 = replace(FORWARD_CONFIG, sequential_block_e=32)
 # The backward pass reuses the forward pass's chunks: its block_l is not read.
 BACKWARD_CONFIG = ScanConfig()
 
@@ -841,7 +845,8 @@ def selective_scan_triton(
     u, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_state, reverse
         As in ``selective_scan``.
     forward_config, backward_config : ScanConfig, optional
-        Tile sizes (defaults: ``FORWARD_CONFIG``, ``BACKWARD_CONFIG``).
+        Tile sizes (defaults: ``FORWARD_CONFIG_FP32`` for fp32 inputs, else
+        ``FORWARD_CONFIG``; ``BACKWARD_CONFIG``).
 
     Returns
     -------
@@ -852,8 +857,9 @@ def selective_scan_triton(
     check_32bit_offsets(u=u, delta=delta, z=z, B=B, C=C)
     return _TritonScan.apply(
         u, delta, A, B, C, D, z, delta_bias, initial_state, bool(delta_softplus), bool(reverse),
-        forward_config or FORWARD_CONFIG, backward_config or BACKWARD_CONFIG,
+        forward_config or (FORWARD_CONFIG_FP32 if u.element_size() == 4 else FORWARD_CONFIG),
+        backward_config or BACKWARD_CONFIG,
     )
 
 
-__all__ = ["BACKWARD_CONFIG", "FORWARD_CONFIG", "ScanConfig", "selective_scan_triton"]
+__all__ = ["BACKWARD_CONFIG", "FORWARD_CONFIG", "FORWARD_CONFIG_FP32", "ScanConfig", "selective_scan_triton"]
