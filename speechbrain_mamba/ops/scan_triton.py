@@ -100,8 +100,10 @@ class ScanConfig:
 FORWARD_CONFIG = ScanConfig()
 # The frame-by-frame forward kernel with 32 channels per program: 1.2-1.6x faster on DPMamba-M's fp32
 # shapes, slower on its 4 s intra-chunk shape in bf16 (H200, benchmarks/sweep_scan_forward.py,
-# benchmarks/results/scan_forward_sweep_2026-11-24.md). Used for 32-bit inputs.
-FORWARD_CONFIG_FP32 = replace(FORWARD_CONFIG, sequential_block_e=32)
+# benchmarks/results/scan_forward_sweep_2026-11-24.md). Used for 32-bit inputs. Half the programs for as
+# many channels: the frame-by-frame threshold is halved too, so the same inputs take that kernel.
+FORWARD_CONFIG_FP32 = replace(FORWARD_CONFIG, sequential_block_e=32,
+                              sequential_min_programs=FORWARD_CONFIG.sequential_min_programs // 2)
 # The backward pass reuses the forward pass's chunks: its block_l is not read.
 BACKWARD_CONFIG = ScanConfig()
 
