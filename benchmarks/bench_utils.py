@@ -11,7 +11,7 @@ import statistics
 import time
 from contextlib import nullcontext
 from pathlib import Path
-from typing import Callable, ContextManager, Dict, List, Optional, Tuple
+from typing import Callable, ContextManager, Dict, List, Optional, Tuple, Union
 
 import torch
 
@@ -59,9 +59,11 @@ def scan_backend(device: torch.device) -> str:
 
 
 def load_model(
-    hparams_file: Path, device: torch.device, overrides: Optional[Dict[str, object]] = None
+    hparams_file: Path, device: torch.device, overrides: Union[Dict[str, object], str, None] = None
 ) -> Tuple[torch.nn.ModuleDict, int, Dict[str, object]]:
     """Builds a model file's ``modules`` with random weights on ``device``.
+
+    ``overrides``: a dict or YAML text, as ``load_hyperpyyaml`` takes them.
 
     Returns the modules, ``num_spks`` and the whole hparams dictionary.
     """

@@ -155,21 +155,10 @@ def count_gmac(modules: torch.nn.ModuleDict, num_spks: int, mixture: torch.Tenso
 
 
 # ----------------------------------------------------------------------------- plan
-def parse_model(spec: str) -> Tuple[str, Dict[str, object]]:
-    """``dpmamba_m`` or a variant ``dpmamba_m:checkpoint_blocks=true`` -> (hparams stem, hparams overrides)."""
+def parse_model(spec: str) -> Tuple[str, str]:
+    """``dpmamba_m`` or a variant ``dpmamba_m:checkpoint_blocks=true`` -> (hparams stem, YAML overrides)."""
     stem, *settings = spec.split(":")
-    overrides: Dict[str, object] = {}
-    for setting in settings:
-        key, _, text = setting.partition("=")
-        value: object = {"true": True, "false": False}.get(text.lower(), text)
-        for number in (int, float):
-            try:
-                value = number(text)
-                break
-            except ValueError:
-                pass
-        overrides[key] = value
-    return stem, overrides
+    return stem, "\n".join(setting.replace("=", ": ", 1) for setting in settings)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -467,8 +467,9 @@ class MambaStack(nn.Module):
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
         """[batch, time, d_model] -> [batch, time, d_model]."""
         limit = self.max_inference_frames
-        if limit and not torch.is_grad_enabled() and hidden.shape[0] > 1 and hidden.numel() // hidden.shape[-1] > limit:
-            group = max(1, limit // hidden.shape[1])
+        batch, time = hidden.shape[:2]
+        if limit and not torch.is_grad_enabled() and batch > 1 and batch * time > limit:
+            group = max(1, limit // time)
             return torch.cat([self._forward(part) for part in hidden.split(group)])
         return self._forward(hidden)
 
