@@ -25,15 +25,16 @@ def kernels():
 
 
 def scan(kernels, backend, inputs, reverse, softplus=True, segments=False, sequential=False,
-         sequential_backward=None, y_loss=True, state_loss=True):
+         sequential_backward=None, y_loss=True, state_loss=True, output_scale=1.0):
     """Output, last state and the gradients of a weighted loss for one backend.
 
     ``sequential``: the frame-by-frame kernels run the forward pass and, unless
-    ``sequential_backward`` says otherwise, the backward pass."""
+    ``sequential_backward`` says otherwise, the backward pass. ``inputs`` may
+    hold an ``output_add``."""
     B, C = inputs["B"], inputs["C"]
     B, C = (B if B.dim() == 4 else B.unsqueeze(1)), (C if C.dim() == 4 else C.unsqueeze(1))
     args = (inputs["u"], inputs["delta"], inputs["A"], B, C, inputs["D"], inputs["z"], inputs["delta_bias"],
-            softplus, inputs["initial_state"], reverse)
+            softplus, inputs["initial_state"], reverse, output_scale, inputs.get("output_add"))
     if backend == "triton":
         def config(frame_by_frame):
             return kernels.ScanConfig(block_e=2, block_l=8, num_warps=1, min_programs=10**6 if segments else 0,
@@ -125,6 +126,16 @@ def test_strided_inputs_as_the_mamba_mixer_passes_them(kernels, reverse):
     # Channel-last in, channel-last out: whole frames are written, as the next projection reads them.
     y, _, grads = scan(kernels, "triton", inputs, reverse, sequential=True)
     assert y.stride(1) == 1 and grads["u"].stride(1) == 1 and grads["z"].stride(1) == 1
+
+
+@pytest.mark.parametrize("sequential", [False, True])
+def test_output_scale_and_add_as_bimamba_averages_its_directions(kernels, sequential):
+    """The reverse scan's output halved and added to a channel-last tensor, in the kernel's last step."""
+    inputs = make_inputs(2, 4, 4, 19, 2, with_initial=True)
+    g = torch.Generator().manual_seed(5)
+    inputs["output_add"] = torch.randn(2, 19, 4, generator=g).transpose(1, 2).requires_grad_()
+    check_against_reference(kernels, inputs, True, sequential=sequential, output_scale=0.5)
+    check_against_reference(kernels, inputs, False, sequential=sequential, output_scale=0.5, y_loss=False)
 
 
 def test_without_softplus_and_with_only_one_output_in_the_loss(kernels):

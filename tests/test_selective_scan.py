@@ -165,6 +165,7 @@ def test_mamba_ssm_backend_refuses_cpu_clearly():
         ({"C": torch.zeros(2, 3, 4, 10)}, "C must be"),
         ({"D": torch.zeros(3)}, "D must be"),
         ({"initial_state": torch.zeros(2, 8, 5)}, "initial_state must be"),
+        ({"output_add": torch.zeros(2, 8, 9)}, "output_add must"),
     ],
 )
 def test_bad_shapes_are_named(change, message):
@@ -172,6 +173,21 @@ def test_bad_shapes_are_named(change, message):
     inputs.update(change)
     with pytest.raises(ValueError, match=message):
         selective_scan(**inputs)
+
+
+@pytest.mark.parametrize("backend", ["reference", *CPU_BACKENDS])
+def test_output_scale_and_add(backend):
+    """``output_scale * y + output_add``, and the added tensor's gradient is the output's."""
+    inputs = make_inputs(2, 4, 4, 9)
+    add = torch.randn(2, 4, 9, requires_grad=True)
+    plain = selective_scan(**inputs, delta_softplus=True, backend=backend)
+    y = selective_scan(**inputs, delta_softplus=True, output_scale=0.5, output_add=add, backend=backend)
+    torch.testing.assert_close(y, 0.5 * plain + add)
+    weights = torch.randn(y.shape)
+    grad_add, grad_u = torch.autograd.grad((y * weights).sum(), [add, inputs["u"]])
+    (plain_grad_u,) = torch.autograd.grad((plain * weights).sum(), [inputs["u"]])
+    torch.testing.assert_close(grad_add, weights)
+    torch.testing.assert_close(grad_u, 0.5 * plain_grad_u)
 
 
 def test_import_loads_neither_mamba_ssm_nor_triton():

@@ -149,8 +149,12 @@ class Mamba(nn.Module):
         reverse: bool,
         state: Optional[MambaState] = None,
         streaming: bool = False,
+        output_scale: float = 1.0,
+        output_add: Optional[torch.Tensor] = None,
     ) -> Union[torch.Tensor, Tuple[torch.Tensor, MambaState]]:
         """One direction: conv, SiLU, projections, scan. ``x``, ``z``: [B, L, E].
+
+        The scan returns ``output_scale * y + output_add`` (see ``selective_scan``).
 
         Activations stay channel-last (time frames of the projections) from
         ``in_proj`` to ``out_proj``; the scan reads them through transposed
@@ -201,6 +205,8 @@ class Mamba(nn.Module):
             return_last_state=streaming,
             initial_state=initial_state,
             reverse=reverse,
+            output_scale=output_scale,
+            output_add=output_add,
             backend=scan_backend,
         )
         if not streaming:
@@ -291,10 +297,10 @@ class BiMamba(Mamba):
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
         """[batch, time, d_model] -> [batch, time, d_model], sees the whole sequence."""
         x, z = self._project_in(hidden)
-        y_forward = self._scan_direction(x, z, "", reverse=False)
-        y_backward = self._scan_direction(x, z, "_b", reverse=True)
-        # The average of both directions, in one kernel.
-        return self.out_proj(torch.lerp(y_forward, y_backward, 0.5).transpose(1, 2))
+        # The average of both directions comes out of the second scan (fused in the Triton kernel).
+        half_forward = self._scan_direction(x, z, "", reverse=False, output_scale=0.5)
+        y = self._scan_direction(x, z, "_b", reverse=True, output_scale=0.5, output_add=half_forward)
+        return self.out_proj(y.transpose(1, 2))
 
 
 class RMSNorm(nn.Module):

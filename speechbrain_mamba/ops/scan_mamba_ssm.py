@@ -23,9 +23,10 @@ def load_mamba_ssm_scan() -> Optional[Callable]:
 
 
 def selective_scan_mamba_ssm(
-    u, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_state, reverse
+    u, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_state, reverse, output_scale=1.0, output_add=None
 ) -> Tuple[torch.Tensor, torch.Tensor]:
-    """Calls mamba-ssm's kernel; a reverse scan runs on time-flipped copies.
+    """Calls mamba-ssm's kernel; a reverse scan runs on time-flipped copies, the
+    output's scale and addition are separate operations.
 
     The last state comes back detached: mamba-ssm propagates no gradient through it.
     """
@@ -48,4 +49,10 @@ def selective_scan_mamba_ssm(
     )
     # The kernel's backward ignores the returned state: detach it so that a loss on
     # it fails loudly instead of receiving a silently wrong gradient.
-    return (y.flip(-1) if reverse else y), last_state.detach()
+    if reverse:
+        y = y.flip(-1)
+    if output_add is not None:
+        y = torch.add(output_add, y, alpha=output_scale)
+    elif output_scale != 1.0:
+        y = y * output_scale
+    return y, last_state.detach()

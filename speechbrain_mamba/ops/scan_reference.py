@@ -12,7 +12,7 @@ import torch.nn.functional as F
 
 
 def selective_scan_reference(
-    u, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_state, reverse
+    u, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_state, reverse, output_scale=1.0, output_add=None
 ) -> Tuple[torch.Tensor, torch.Tensor]:
     """Loop implementation of :func:`speechbrain_mamba.ops.selective_scan`.
 
@@ -48,4 +48,7 @@ def selective_scan_reference(
     if z is not None:
         z = z.float()
         y = y * z * torch.sigmoid(z)
+    y = y * output_scale
+    if output_add is not None:
+        y = y + output_add.float()
     return y.to(out_dtype), state

@@ -161,8 +161,15 @@ class SelectiveScanFunction(torch.autograd.Function):
         return grad_dt, grad_dt_u * dt, grad_A, grad_B, grad_C, grad_initial, None
 
 
+def _scale_and_add(y: torch.Tensor, scale: float, add: Optional[torch.Tensor]) -> torch.Tensor:
+    """``scale * y + add`` in fp32 (``y`` is fp32), skipping what is the identity."""
+    if scale != 1.0:
+        y = y * scale
+    return y if add is None else y + add.float()
+
+
 def selective_scan_torch(
-    u, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_state, reverse
+    u, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_state, reverse, output_scale=1.0, output_add=None
 ) -> Tuple[torch.Tensor, torch.Tensor]:
     """Chunked PyTorch implementation of :func:`speechbrain_mamba.ops.selective_scan`.
 
@@ -195,4 +202,5 @@ def selective_scan_torch(
         y = y + D.float()[:, None] * u.float()
     if z is not None:
         y = y * F.silu(z.float())
+    y = _scale_and_add(y, output_scale, output_add)
     return y.to(u.dtype), last_state.transpose(2, 3).reshape(batch, channels, state_size)

@@ -6,9 +6,10 @@ delta, z`` as ``(BLOCK_E, BLOCK_L)`` tiles, then, one state ``n`` at a time,
 forms ``dA = exp(dt A_n)`` and ``dt B_n u`` on that tile and scans it along time
 with ``tl.associative_scan`` and the pair combine ``(a1 a2, b1 a2 + b2)``; ``y``
 accumulates ``C_n h_n`` without any reduction, and the state leaving the chunk is
-carried to the next. ``dt = softplus(delta + delta_bias)``, the ``D`` skip and the
-``silu(z)`` gate are applied in the kernel; ``reverse`` reads the chunks and the
-frames inside them from the end, so no flipped copy is made.
+carried to the next. ``dt = softplus(delta + delta_bias)``, the ``D`` skip, the
+``silu(z)`` gate and the output's scale and added tensor (BiMamba averages its two
+directions this way) are applied in the kernel; ``reverse`` reads the chunks and
+the frames inside them from the end, so no flipped copy is made.
 
 Training memory: the forward pass keeps only the state entering each chunk,
 ``(batch, E, ceil(L / BLOCK_L), N)`` fp32; the backward pass recomputes the
@@ -148,14 +149,15 @@ def _set_state_column(states, offs_n, n, column):
 
 @triton.jit
 def _scan_fwd_kernel(
-    u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, h0_ptr,
+    u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, h0_ptr, add_ptr,
     y_ptr, last_ptr, chunk_ptr, seg_decay_ptr, seg_state_ptr,
-    E, L, per_group, num_eblocks, num_chunks, chunks_per_seg, num_seg,
-    su_b, su_e, su_l, sd_b, sd_e, sd_l, sz_b, sz_e, sz_l, sy_b, sy_e, sy_l,
+    E, L, per_group, num_eblocks, num_chunks, chunks_per_seg, num_seg, out_scale,
+    su_b, su_e, su_l, sd_b, sd_e, sd_l, sz_b, sz_e, sz_l, sa_b, sa_e, sa_l, sy_b, sy_e, sy_l,
     sB_b, sB_g, sB_n, sB_l, sC_b, sC_g, sC_n, sC_l,
     N: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_L: tl.constexpr,
     HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_H0: tl.constexpr,
-    SOFTPLUS: tl.constexpr, REVERSE: tl.constexpr, SUMMARY: tl.constexpr, STORE_CHUNKS: tl.constexpr,
+    HAS_ADD: tl.constexpr, SOFTPLUS: tl.constexpr, REVERSE: tl.constexpr, SUMMARY: tl.constexpr,
+    STORE_CHUNKS: tl.constexpr,
 ):
     """Forward scan of one channel block over one segment of one sequence.
 
@@ -185,6 +187,7 @@ def _scan_fwd_kernel(
     u_row = u_ptr + pid_b * su_b + offs_e[:, None] * su_e
     d_row = delta_ptr + pid_b * sd_b + offs_e[:, None] * sd_e
     z_row = z_ptr + pid_b * sz_b + offs_e[:, None] * sz_e
+    add_row = add_ptr + pid_b * sa_b + offs_e[:, None] * sa_e
     y_row = y_ptr + pid_b * sy_b + offs_e[:, None] * sy_e
     B_seq = B_ptr + pid_b * sB_b + group * sB_g
     C_seq = C_ptr + pid_b * sC_b + group * sC_g
@@ -242,6 +245,9 @@ def _scan_fwd_kernel(
             if HAS_Z:
                 z = tl.load(z_row + t[None, :] * sz_l, mask=mask_et, other=0.0).to(tl.float32)
                 out = out * z / (1.0 + tl.exp2(-z * _LOG2E))
+            out *= out_scale
+            if HAS_ADD:
+                out += tl.load(add_row + t[None, :] * sa_l, mask=mask_et, other=0.0).to(tl.float32)
             tl.store(y_row + t[None, :] * sy_l, out.to(y_ptr.dtype.element_ty), mask=mask_et)
 
     if SUMMARY:
@@ -254,14 +260,14 @@ def _scan_fwd_kernel(
 
 @triton.jit
 def _scan_fwd_sequential_kernel(
-    u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, h0_ptr,
+    u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, h0_ptr, add_ptr,
     y_ptr, last_ptr, chunk_ptr,
-    E, L, per_group, num_eblocks, num_chunks,
-    su_b, su_e, su_l, sd_b, sd_e, sd_l, sz_b, sz_e, sz_l, sy_b, sy_e, sy_l,
+    E, L, per_group, num_eblocks, num_chunks, out_scale,
+    su_b, su_e, su_l, sd_b, sd_e, sd_l, sz_b, sz_e, sz_l, sa_b, sa_e, sa_l, sy_b, sy_e, sy_l,
     sB_b, sB_g, sB_n, sB_l, sC_b, sC_g, sC_n, sC_l,
     N: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_L: tl.constexpr,
     HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_H0: tl.constexpr,
-    SOFTPLUS: tl.constexpr, REVERSE: tl.constexpr, STORE_CHUNKS: tl.constexpr,
+    HAS_ADD: tl.constexpr, SOFTPLUS: tl.constexpr, REVERSE: tl.constexpr, STORE_CHUNKS: tl.constexpr,
 ):
     """Forward scan of one channel block of one sequence, one frame at a time.
 
@@ -291,6 +297,7 @@ def _scan_fwd_sequential_kernel(
     u_row = u_ptr + pid_b * su_b + offs_e * su_e
     d_row = delta_ptr + pid_b * sd_b + offs_e * sd_e
     z_row = z_ptr + pid_b * sz_b + offs_e * sz_e
+    add_row = add_ptr + pid_b * sa_b + offs_e * sa_e
     y_row = y_ptr + pid_b * sy_b + offs_e * sy_e
     B_seq = B_ptr + pid_b * sB_b + group * sB_g + offs_n * sB_n
     C_seq = C_ptr + pid_b * sC_b + group * sC_g + offs_n * sC_n
@@ -322,6 +329,9 @@ def _scan_fwd_sequential_kernel(
             if HAS_Z:
                 z = tl.load(z_row + t * sz_l, mask=valid, other=0.0).to(tl.float32)
                 out = out * z / (1.0 + tl.exp2(-z * _LOG2E))
+            out *= out_scale
+            if HAS_ADD:
+                out += tl.load(add_row + t * sa_l, mask=valid, other=0.0).to(tl.float32)
             tl.store(y_row + t * sy_l, out.to(y_ptr.dtype.element_ty), mask=valid)
     tl.store(last_ptr + state_offs, state, mask=en_mask)
 
@@ -331,7 +341,7 @@ def _scan_bwd_kernel(
     u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, dy_ptr, dlast_ptr, chunk_ptr,
     seg_decay_ptr, seg_grad_ptr,
     du_ptr, ddelta_ptr, dA_ptr, dB_ptr, dC_ptr, dD_ptr, dz_ptr, dbias_ptr, dh0_ptr,
-    E, L, per_group, groups, num_eblocks, num_chunks, chunks_per_seg, num_seg,
+    E, L, per_group, groups, num_eblocks, num_chunks, chunks_per_seg, num_seg, out_scale,
     su_b, su_e, su_l, sd_b, sd_e, sd_l, sz_b, sz_e, sz_l, sy_b, sy_e, sy_l,
     sdu_b, sdu_e, sdu_l, sdd_b, sdd_e, sdd_l, sdz_b, sdz_e, sdz_l,
     sB_b, sB_g, sB_n, sB_l, sC_b, sC_g, sC_n, sC_l,
@@ -418,7 +428,7 @@ def _scan_bwd_kernel(
         delta_next = tl.load(d_row + t_next[None, :] * sd_l, mask=mask_next, other=0.0).to(tl.float32)
         dt_next, _ = _dt(delta_next, bias, HAS_BIAS, SOFTPLUS)
         dt_next = tl.where(mask_next, dt_next, 0.0)  # dA_next = 1 at the chunk's end
-        dy = tl.load(dy_row + t[None, :] * sy_l, mask=mask_et, other=0.0).to(tl.float32)
+        dy = tl.load(dy_row + t[None, :] * sy_l, mask=mask_et, other=0.0).to(tl.float32) * out_scale
         if HAS_Z:
             z = tl.load(z_row + t[None, :] * sz_l, mask=mask_et, other=0.0).to(tl.float32)
             sig_z = 1.0 / (1.0 + tl.exp2(-z * _LOG2E))
@@ -494,7 +504,7 @@ def _scan_bwd_kernel(
 def _scan_bwd_sequential_kernel(
     u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, dy_ptr, dlast_ptr, chunk_ptr, scratch_ptr,
     du_ptr, ddelta_ptr, dA_ptr, dB_part_ptr, dC_part_ptr, dD_ptr, dz_ptr, dbias_ptr, dh0_ptr,
-    E, L, per_group, num_eblocks, num_chunks,
+    E, L, per_group, num_eblocks, num_chunks, out_scale,
     su_b, su_e, su_l, sd_b, sd_e, sd_l, sz_b, sz_e, sz_l, sy_b, sy_e, sy_l,
     sdu_b, sdu_e, sdu_l, sdd_b, sdd_e, sdd_l, sdz_b, sdz_e, sdz_l,
     sB_b, sB_g, sB_n, sB_l, sC_b, sC_g, sC_n, sC_l,
@@ -582,7 +592,7 @@ def _scan_bwd_sequential_kernel(
             valid = (t >= 0) & (t < L)
             u = tl.load(u_row + t * su_l, mask=valid, other=0.0).to(tl.float32)
             delta = tl.load(d_row + t * sd_l, mask=valid, other=0.0).to(tl.float32)
-            dy = tl.load(dy_row + t * sy_l, mask=valid, other=0.0).to(tl.float32)
+            dy = tl.load(dy_row + t * sy_l, mask=valid, other=0.0).to(tl.float32) * out_scale
             B_t = tl.load(B_seq + t * sB_l, mask=n_mask & valid, other=0.0).to(tl.float32)
             C_t = tl.load(C_seq + t * sC_l, mask=n_mask & valid, other=0.0).to(tl.float32)
             h = tl.load(scratch + i * (BLOCK_E * BLOCK_N))
@@ -681,7 +691,8 @@ def _empty_in_layout(like: torch.Tensor, dtype: Optional[torch.dtype] = None) ->
     return torch.empty(batch, channels, length, **options)
 
 
-def _forward(u, delta, A, B, C, D, z, delta_bias, initial_state, softplus, reverse, store_chunks, config):
+def _forward(u, delta, A, B, C, D, z, delta_bias, initial_state, softplus, reverse, output_scale, output_add,
+             store_chunks, config):
     batch, channels, length = u.shape
     groups, state = B.shape[1], A.shape[1]
     plan = _plan(batch, channels, length, state, channels // groups, config)
@@ -695,12 +706,14 @@ def _forward(u, delta, A, B, C, D, z, delta_bias, initial_state, softplus, rever
         u if D is None else D.contiguous(), u if z is None else z,
         u if delta_bias is None else delta_bias.contiguous(),
         u if initial_state is None else initial_state.contiguous(),
+        u if output_add is None else output_add,
     ]
-    strides = [*u.stride(), *delta.stride(), *_strides3(z, u), *y.stride(), *B.stride(), *C.stride()]
+    strides = [*u.stride(), *delta.stride(), *_strides3(z, u), *_strides3(output_add, u), *y.stride(),
+               *B.stride(), *C.stride()]
     flags = dict(
         N=state, BLOCK_N=plan.block_n, BLOCK_L=plan.block_l,
         HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=delta_bias is not None,
-        HAS_H0=initial_state is not None, SOFTPLUS=softplus, REVERSE=reverse,
+        HAS_H0=initial_state is not None, HAS_ADD=output_add is not None, SOFTPLUS=softplus, REVERSE=reverse,
     )
     per_group = channels // groups
     sequential_block_e = _pow2_divisor(per_group, config.sequential_block_e)
@@ -708,7 +721,7 @@ def _forward(u, delta, A, B, C, D, z, delta_bias, initial_state, softplus, rever
     if config.sequential_min_programs and sequential_programs >= config.sequential_min_programs:
         _scan_fwd_sequential_kernel[(sequential_programs,)](
             *inputs, y, last, chunks, channels, length, per_group, channels // sequential_block_e,
-            plan.num_chunks, *strides, BLOCK_E=sequential_block_e, STORE_CHUNKS=store_chunks, num_warps=1,
+            plan.num_chunks, output_scale, *strides, BLOCK_E=sequential_block_e, STORE_CHUNKS=store_chunks, num_warps=1,
             **flags,
         )
         return y, last, chunks, plan
@@ -716,7 +729,7 @@ def _forward(u, delta, A, B, C, D, z, delta_bias, initial_state, softplus, rever
     seg_state = torch.empty_like(seg_decay)
     args = [
         *inputs, y, last, chunks, seg_decay, seg_state, channels, length, per_group, plan.num_eblocks,
-        plan.num_chunks, plan.chunks_per_seg, plan.num_seg, *strides,
+        plan.num_chunks, plan.chunks_per_seg, plan.num_seg, output_scale, *strides,
     ]
     grid = (batch * plan.num_eblocks, plan.num_seg)
     flags.update(BLOCK_E=plan.block_e, num_warps=plan.num_warps)
@@ -726,8 +739,8 @@ def _forward(u, delta, A, B, C, D, z, delta_bias, initial_state, softplus, rever
     return y, last, chunks, plan
 
 
-def _backward(u, delta, A, B, C, D, z, delta_bias, dy, dlast, chunks, fwd_plan, softplus, reverse, want_dh0,
-              config):
+def _backward(u, delta, A, B, C, D, z, delta_bias, dy, dlast, chunks, fwd_plan, softplus, reverse, output_scale,
+              want_dh0, config):
     batch, channels, length = u.shape
     groups, state = B.shape[1], A.shape[1]
     # The chunk-entering states were stored at the forward pass's chunk size.
@@ -761,7 +774,7 @@ def _backward(u, delta, A, B, C, D, z, delta_bias, dy, dlast, chunks, fwd_plan, 
         _scan_bwd_sequential_kernel[(programs,)](
             *inputs, scratch, du, ddelta, dA, dB_part, dC_part, dA if dD is None else dD,
             du if dz is None else dz, dA if dbias is None else dbias, dA if dh0 is None else dh0,
-            channels, length, per_group, num_eblocks, plan.num_chunks, *strides,
+            channels, length, per_group, num_eblocks, plan.num_chunks, output_scale, *strides,
             BLOCK_E=sequential_block_e, num_warps=config.sequential_num_warps, **flags,
         )
 
@@ -778,7 +791,7 @@ def _backward(u, delta, A, B, C, D, z, delta_bias, dy, dlast, chunks, fwd_plan, 
         du, ddelta, dA, dB, dC, dA if dD is None else dD, du if dz is None else dz,
         dA if dbias is None else dbias, dA if dh0 is None else dh0,
         channels, length, per_group, groups, plan.num_eblocks, plan.num_chunks, plan.chunks_per_seg,
-        plan.num_seg, *strides,
+        plan.num_seg, output_scale, *strides,
     ]
     flags.update(BLOCK_E=plan.block_e, num_warps=plan.num_warps)
     grid = (batch * plan.num_eblocks, plan.num_seg)
@@ -792,32 +805,37 @@ class _TritonScan(torch.autograd.Function):
     """Autograd wrapper: the forward keeps the chunk-entering states, the backward recomputes the rest."""
 
     @staticmethod
-    def forward(ctx, u, delta, A, B, C, D, z, delta_bias, initial_state, softplus, reverse, fwd_config,
-                bwd_config):
+    def forward(ctx, u, delta, A, B, C, D, z, delta_bias, initial_state, output_add, softplus, reverse,
+                output_scale, fwd_config, bwd_config):
         ctx.set_materialize_grads(False)
         store = any(ctx.needs_input_grad[:9])
         y, last, chunks, plan = _forward(u, delta, A, B, C, D, z, delta_bias, initial_state, softplus, reverse,
-                                         store, fwd_config)
+                                         output_scale, output_add, store, fwd_config)
         if store:
             ctx.save_for_backward(u, delta, A, B, C, D, z, delta_bias, chunks)
             ctx.plan, ctx.softplus, ctx.reverse, ctx.bwd_config = plan, softplus, reverse, bwd_config
+            ctx.output_scale = output_scale
             ctx.h0_dtype = None if initial_state is None else initial_state.dtype
         return y, last
 
     @staticmethod
     def backward(ctx, dy, dlast):
+        # y = output_scale * scan + output_add: the added tensor's gradient is dy itself.
+        d_add = dy if ctx.needs_input_grad[9] else None
+        if not any(ctx.needs_input_grad[:9]):
+            return (None,) * 9 + (d_add,) + (None,) * 5
         u, delta, A, B, C, D, z, delta_bias, chunks = ctx.saved_tensors
         if dy is None:
             dy = torch.zeros_like(u)
         want_dh0 = ctx.needs_input_grad[8]
         du, ddelta, dA, dB, dC, dD, dz, dbias, dh0 = _backward(
             u, delta, A, B, C, D, z, delta_bias, dy, dlast, chunks, ctx.plan, ctx.softplus, ctx.reverse,
-            want_dh0, ctx.bwd_config,
+            ctx.output_scale, want_dh0, ctx.bwd_config,
         )
         cast = lambda grad, like: None if grad is None else grad.to(like.dtype)  # noqa: E731
         return (
             du, ddelta, dA.to(A.dtype), dB.to(B.dtype), dC.to(C.dtype), cast(dD, D), dz, cast(dbias, delta_bias),
-            None if dh0 is None else dh0.to(ctx.h0_dtype), None, None, None, None,
+            None if dh0 is None else dh0.to(ctx.h0_dtype), d_add, None, None, None, None, None,
         )
 
 
@@ -833,6 +851,8 @@ def selective_scan_triton(
     delta_softplus: bool,
     initial_state: Optional[torch.Tensor],
     reverse: bool,
+    output_scale: float = 1.0,
+    output_add: Optional[torch.Tensor] = None,
     forward_config: Optional[ScanConfig] = None,
     backward_config: Optional[ScanConfig] = None,
 ) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -840,11 +860,12 @@ def selective_scan_triton(
 
     Arguments are those of ``selective_scan`` with ``B`` and ``C`` shaped
     ``(batch, groups, N, L)``; any strides are read as they are. Every input
-    gets its gradient, ``initial_state`` and the last state included.
+    gets its gradient, ``initial_state``, ``output_add`` and the last state
+    included. The output's scale and addition happen in the kernel's last step.
 
     Arguments
     ---------
-    u, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_state, reverse
+    u, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_state, reverse, output_scale, output_add
         As in ``selective_scan``.
     forward_config, backward_config : ScanConfig, optional
         Tile sizes (defaults: ``FORWARD_CONFIG_FP32`` for fp32 inputs, else
@@ -856,10 +877,10 @@ def selective_scan_triton(
     """
     if not u.is_cuda and not interpreting():
         raise ValueError(f"backend='triton' runs on CUDA tensors only; u is on {u.device}.")
-    check_32bit_offsets(u=u, delta=delta, z=z, B=B, C=C)
+    check_32bit_offsets(u=u, delta=delta, z=z, B=B, C=C, output_add=output_add)
     return _TritonScan.apply(
-        u, delta, A, B, C, D, z, delta_bias, initial_state, bool(delta_softplus), bool(reverse),
-        forward_config or (FORWARD_CONFIG_FP32 if u.element_size() == 4 else FORWARD_CONFIG),
+        u, delta, A, B, C, D, z, delta_bias, initial_state, output_add, bool(delta_softplus), bool(reverse),
+        float(output_scale), forward_config or (FORWARD_CONFIG_FP32 if u.element_size() == 4 else FORWARD_CONFIG),
         backward_config or BACKWARD_CONFIG,
     )
 

@@ -28,13 +28,14 @@ def load_triton_scan() -> Optional[Callable]:
 
 
 def selective_scan_triton(
-    u, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_state, reverse
+    u, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_state, reverse, output_scale=1.0, output_add=None
 ) -> Tuple[torch.Tensor, torch.Tensor]:
     """Our Triton kernels (:mod:`speechbrain_mamba.ops.scan_triton`), imported on first use."""
     scan_fn = load_triton_scan()
     if scan_fn is None:
         raise RuntimeError("backend='triton' needs the triton package (it ships with torch on Linux).")
-    return scan_fn(u, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_state, reverse)
+    return scan_fn(u, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_state, reverse, output_scale,
+                   output_add)
 
 
 BACKENDS = {
@@ -72,13 +73,13 @@ def resolve_backend(
     return name
 
 
-def _check_shapes(u, delta, A, B, C, D, z, delta_bias, initial_state):
+def _check_shapes(u, delta, A, B, C, D, z, delta_bias, initial_state, output_add):
     if u.dim() != 3:
         raise ValueError(f"u must be (batch, channels, length); got shape {tuple(u.shape)}.")
     batch, channels, length = u.shape
     if length == 0:
         raise ValueError("u has length 0; the scan needs at least one time step.")
-    expected = {"delta": delta, "z": z}
+    expected = {"delta": delta, "z": z, "output_add": output_add}
     for name, tensor in expected.items():
         if tensor is not None and tensor.shape != u.shape:
             raise ValueError(f"{name} must have u's shape {tuple(u.shape)}; got {tuple(tensor.shape)}.")
@@ -119,6 +120,8 @@ def selective_scan(
     return_last_state: bool = False,
     initial_state: Optional[torch.Tensor] = None,
     reverse: bool = False,
+    output_scale: float = 1.0,
+    output_add: Optional[torch.Tensor] = None,
     backend: Optional[str] = None,
 ) -> Union[torch.Tensor, Tuple[torch.Tensor, torch.Tensor]]:
     """Selective scan of Mamba, with the semantics of mamba-ssm's ``selective_scan_fn``.
@@ -128,6 +131,7 @@ def selective_scan(
 
         h_t = exp(dt_t * A) * h_{t-1} + dt_t * B_t * u_t
         y_t = sum_n C_t * h_t + D * u_t,    then y *= silu(z)
+        y = output_scale * y + output_add
 
     Accumulation is fp32 whatever the input dtype; ``y`` has ``u``'s dtype.
 
@@ -156,6 +160,13 @@ def selective_scan(
     reverse : bool
         Scan from the last frame to the first (the backward direction of a
         bidirectional model), without flipping any tensor.
+    output_scale : float
+        Multiplies the output (after the gate).
+    output_add : torch.Tensor, optional
+        Added to the scaled output, ``(batch, channels, L)``: with
+        ``output_scale=0.5`` on both directions and the first direction's
+        output added to the second's, the average of a bidirectional layer
+        comes out of the scan (in the Triton kernel's last step).
     backend : str, optional
         ``"auto"``, ``"torch"``, ``"triton"``, ``"reference"`` or ``"mamba_ssm"``; defaults to
         the ``SPEECHBRAIN_MAMBA_SCAN_BACKEND`` environment variable, then auto.
@@ -178,9 +189,9 @@ def selective_scan(
         B = B.unsqueeze(1)
     if C.dim() == 3:
         C = C.unsqueeze(1)
-    _check_shapes(u, delta, A, B, C, D, z, delta_bias, initial_state)
+    _check_shapes(u, delta, A, B, C, D, z, delta_bias, initial_state, output_add)
     name = resolve_backend(u, backend, initial_state)
     y, last_state = BACKENDS[name](
-        u, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_state, reverse
+        u, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_state, reverse, output_scale, output_add
     )
     return (y, last_state) if return_last_state else y
