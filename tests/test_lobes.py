@@ -196,15 +196,33 @@ def test_single_group_norm_matches_group_norm(shape):
     torch.testing.assert_close(fast.bias.grad, reference.bias.grad, rtol=1e-4, atol=1e-4)
 
 
-def test_dual_path_model_with_fast_norm_equals_stock_model():
-    kwargs = dict(num_layers=2, K=10, skip_around_intra=True, linear_layer_after_inter_intra=False)
+@pytest.mark.parametrize("norm, skip, linear, batch", [
+    ("ln", True, False, 2), ("ln", True, False, 1), ("ln", False, True, 2), ("gln", True, True, 2),
+])
+def test_dual_path_model_equals_stock_model(norm, skip, linear, batch):
+    """Fast norm, channels-innermost layers: the stock model's outputs and gradients."""
+    kwargs = dict(num_layers=3, K=10, norm=norm, skip_around_intra=skip, linear_layer_after_inter_intra=linear)
     torch.manual_seed(3)
     stock = Dual_Path_Model(16, 16, MambaStack(16), MambaStack(16), **kwargs)
     ours = DualPathModel(16, 16, MambaStack(16), MambaStack(16), **kwargs)
     assert not any(isinstance(m, torch.nn.GroupNorm) for m in ours.modules())
     ours.load_state_dict(stock.state_dict())  # strict: same keys and shapes
-    x = torch.randn(2, 16, 45)
-    torch.testing.assert_close(ours(x), stock(x), rtol=1e-4, atol=1e-5)
+    x = torch.randn(batch, 16, 45)
+    y, y_stock = ours(x), stock(x)
+    torch.testing.assert_close(y, y_stock, rtol=1e-4, atol=1e-5)
+    weights = torch.randn(y.shape)
+    (y * weights).sum().backward()
+    (y_stock * weights).sum().backward()
+    for (name, param), stock_param in zip(ours.named_parameters(), stock.parameters()):
+        torch.testing.assert_close(param.grad, stock_param.grad, rtol=1e-3, atol=1e-5, msg=name)
+
+
+def test_single_group_norm_keeps_a_permuted_layout():
+    norm = SingleGroupNorm(8)
+    x = torch.randn(2, 5, 3, 8).permute(0, 3, 2, 1)  # [B, N, K, S] over channels-innermost storage
+    y = norm(x)
+    assert y.stride() == x.stride()
+    torch.testing.assert_close(y, norm(x.contiguous()))
 
 
 @pytest.mark.parametrize("length", [1, 4, 5, 9, 10, 11, 45])

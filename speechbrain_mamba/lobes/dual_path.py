@@ -1,20 +1,74 @@
-"""Dual-path mask networks: SpeechBrain's Dual_Path_Model with a fast norm and on-device padding."""
+"""Dual-path mask networks: SpeechBrain's Dual_Path_Model with a fast norm, on-device padding
+and fewer layout copies."""
 
 from typing import Tuple
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from speechbrain.lobes.models.dual_path import Dual_Path_Model
+from speechbrain.lobes.models.dual_path import Dual_Computation_Block, Dual_Path_Model
 
 from speechbrain_mamba.lobes.norms import replace_single_group_norms
 
 
+class ChannelLastDualComputationBlock(Dual_Computation_Block):
+    """SpeechBrain's ``Dual_Computation_Block`` (one intra- and one inter-chunk
+    layer), computing the same function with one layout copy instead of four.
+
+    The [B, N, K, S] activations are returned as a view of [B, S, K, N]
+    storage (channels innermost, chunks outermost). Fed such a view by the
+    layer before, the intra-chunk model reads its [B*S, K, N] sequences in
+    place; only the inter-chunk model's [B*K, S, N] input is copied, and its
+    output is read transposed by the norm and the residual sum. The norms
+    see the same values in another layout. Same arguments and submodules as
+    ``Dual_Computation_Block``.
+
+    Arguments
+    ---------
+    intra_mdl, inter_mdl : torch.nn.Module
+        [batch, time, N] -> same, within and across chunks.
+    out_channels : int
+        N.
+    **kwargs
+        ``norm``, ``skip_around_intra``, ``linear_layer_after_inter_intra``.
+
+    Example
+    -------
+    >>> from speechbrain_mamba.lobes import MambaStack
+    >>> block = ChannelLastDualComputationBlock(MambaStack(16), MambaStack(16), 16)
+    >>> x = torch.randn(2, 16, 10, 3)
+    >>> y = block(x)
+    >>> y.shape, y.permute(0, 3, 2, 1).is_contiguous()
+    (torch.Size([2, 16, 10, 3]), True)
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """[B, N, K, S] -> [B, N, K, S] (channels-innermost storage)."""
+        B, N, K, S = x.shape
+        # [B*S, K, N]: a view when x is channels-innermost, as this block returns it.
+        intra = self.intra_mdl(x.permute(0, 3, 2, 1).reshape(B * S, K, N))
+        if self.linear_layer_after_inter_intra:
+            intra = self.intra_linear(intra)
+        intra = intra.reshape(B, S, K, N).permute(0, 3, 2, 1)
+        if self.norm is not None:
+            intra = self.intra_norm(intra)
+        if self.skip_around_intra:
+            intra = intra + x  # the first operand's layout: channels innermost
+        inter = self.inter_mdl(intra.permute(0, 2, 3, 1).reshape(B * K, S, N))  # the one copy
+        if self.linear_layer_after_inter_intra:
+            inter = self.inter_linear(inter)
+        inter = inter.reshape(B, K, S, N).permute(0, 3, 1, 2)
+        if self.norm is not None:
+            inter = self.inter_norm(inter)
+        return intra + inter
+
+
 class DualPathModel(Dual_Path_Model):
     """SpeechBrain's ``Dual_Path_Model`` whose ``GroupNorm(1, N)`` norms are
-    :class:`~speechbrain_mamba.lobes.norms.SingleGroupNorm`, and whose chunk
+    :class:`~speechbrain_mamba.lobes.norms.SingleGroupNorm`, whose chunk
     padding is made on the input's device (the stock one builds zeros on the
-    CPU and copies them over, which also rules out capturing CUDA graphs).
+    CPU and copies them over, which also rules out capturing CUDA graphs), and
+    whose dual-path layers are :class:`ChannelLastDualComputationBlock`.
 
     Same arguments, same outputs (up to float rounding), same state-dict keys:
     checkpoints of ``Dual_Path_Model`` load unchanged. With Mamba stacks as
@@ -55,6 +109,10 @@ class DualPathModel(Dual_Path_Model):
             )
         super().__init__(in_channels, out_channels, intra_model, inter_model, **kwargs)
         replace_single_group_norms(self)
+        for layer in self.dual_mdl:
+            # The same module with another forward (no state of its own), as
+            # torch.nn.utils.parametrize swaps a module's class.
+            layer.__class__ = ChannelLastDualComputationBlock
 
     def _padding(self, input: torch.Tensor, K: int) -> Tuple[torch.Tensor, int]:
         """Zero-pads [B, N, L] by K // 2 on the left and K // 2 + gap on the right, as the stock method."""

@@ -3,8 +3,9 @@
 On CUDA, ``GroupNorm`` with one group reduces each sample in one thread block,
 so at batch 1 the whole normalisation is serial: it took 62% of a DPMamba-M
 inference on an H100 (speechbrain.md). Here the statistics come from
-``torch.var_mean`` over the flattened sample, a reduction spread over the whole
-device, and the affine part is one fused multiply-add.
+``torch.var_mean`` over the whole sample, a reduction spread over the whole
+device, and the affine part is one fused multiply-add. Any memory layout is
+read in place, and the output keeps the input's layout.
 """
 
 import torch
@@ -58,7 +59,8 @@ class SingleGroupNorm(nn.Module):
             )
         batch = x.shape[0]
         x32 = x.float()
-        var, mean = torch.var_mean(x32.reshape(batch, -1), dim=1, unbiased=False)
+        # Over all dims but the batch: no copy of a permuted (e.g. channels-innermost) input.
+        var, mean = torch.var_mean(x32, dim=tuple(range(1, x.dim())), unbiased=False)
         scale = torch.rsqrt(var + self.eps)[:, None]  # [batch, 1]
         shift = -mean[:, None] * scale
         if self.affine:
