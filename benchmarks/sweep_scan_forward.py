@@ -4,10 +4,13 @@ Launches ``_scan_fwd_sequential_kernel`` directly with channels per program
 (BLOCK_E), warps per program and frames unrolled per chunk (BLOCK_L), on
 channel-last views as the Mamba mixer passes them, and prints the time
 (``triton.testing.do_bench``, median), registers per thread, spills, and the
-largest difference from the default tile's output. Usage::
+largest difference from the default tile's output. ``--store-chunks`` also
+stores the chunk-entering states, as in training; without it, as in inference.
+Usage::
 
-    python benchmarks/sweep_scan_forward.py     # prints one line per (shape, dtype, tile)
+    python benchmarks/sweep_scan_forward.py [--store-chunks]   # one line per (shape, dtype, tile)
 """
+import argparse
 import time
 
 import torch
@@ -15,7 +18,8 @@ import triton
 
 from speechbrain_mamba.ops import scan_triton as st
 
-SHAPES = {"intra-4s": (33, 512, 250), "inter-4s": (250, 512, 33), "intra-60s": (481, 512, 250), "inter-60s": (250, 512, 481)}
+SHAPES = {"intra-4s": (33, 512, 250), "inter-4s": (250, 512, 33), "intra-16s": (129, 512, 250),
+          "inter-16s": (250, 512, 129), "intra-60s": (481, 512, 250), "inter-60s": (250, 512, 481)}
 
 def inputs(b, e, l, dtype):
     g = torch.Generator(device="cuda").manual_seed(0)
@@ -35,23 +39,27 @@ def launch(args, block_e, warps, block_l, store):
     y = st._empty_in_layout(u)
     last = torch.empty(batch, channels, 16, device="cuda")
     chunks = torch.empty(batch, channels, num_chunks if store else 0, 16, device="cuda")
-    strides = [*u.stride(), *delta.stride(), *z.stride(), *y.stride(), *B.stride(), *C.stride()]
+    strides = [*u.stride(), *delta.stride(), *z.stride(), *y.stride(), *y.stride(), *B.stride(), *C.stride()]
     k = st._scan_fwd_sequential_kernel[(batch * (channels // block_e),)](
-        u, delta, A, B, C, D, z, bias, u, y, last, chunks, channels, length, channels, channels // block_e,
-        num_chunks, *strides, N=16, BLOCK_N=16, BLOCK_E=block_e, BLOCK_L=block_l, HAS_D=True, HAS_Z=True,
-        HAS_BIAS=True, HAS_H0=False, SOFTPLUS=True, REVERSE=False, STORE_CHUNKS=store, num_warps=warps)
+        u, delta, A, B, C, D, z, bias, u, u, y, last, chunks, channels, length, channels, channels // block_e,
+        num_chunks, 1.0, *strides, N=16, BLOCK_N=16, BLOCK_E=block_e, BLOCK_L=block_l, HAS_D=True, HAS_Z=True,
+        HAS_BIAS=True, HAS_H0=False, HAS_ADD=False, SOFTPLUS=True, REVERSE=False, STORE_CHUNKS=store,
+        num_warps=warps)
     return y, k
 
-configs = [(16, 1, 32), (16, 2, 32), (32, 1, 32), (32, 2, 32), (64, 2, 32), (64, 4, 32), (16, 1, 16), (32, 2, 16), (16, 1, 8)]
+parser = argparse.ArgumentParser(description="Tile sweep of the frame-by-frame forward scan kernel.")
+parser.add_argument("--store-chunks", action="store_true", help="store the chunk-entering states (training)")
+store = parser.parse_args().store_chunks
+configs = [(16, 1, 32), (16, 2, 32), (32, 1, 32), (32, 2, 32), (64, 2, 32), (64, 4, 32)]
 for dtype in (torch.float32, torch.bfloat16):
     for name, shape in SHAPES.items():
         args = inputs(*shape, dtype)
         ref, _ = launch(args, 16, 1, 32, False)
         for block_e, warps, block_l in configs:
             t0 = time.time()
-            y, k = launch(args, block_e, warps, block_l, True)
+            y, k = launch(args, block_e, warps, block_l, store)
             compile_s = time.time() - t0
             err = (y.float() - ref.float()).abs().max().item()
-            ms = triton.testing.do_bench(lambda: launch(args, block_e, warps, block_l, True), warmup=5, rep=50)
+            ms = triton.testing.do_bench(lambda: launch(args, block_e, warps, block_l, store), warmup=5, rep=50)
             print(f"{name} {str(dtype)[6:]} e{block_e} w{warps} l{block_l}: {ms:.3f} ms regs={k.n_regs} spills={k.n_spills} "
                   f"maxdiff={err:.1e} (compile+first {compile_s:.0f} s)", flush=True)

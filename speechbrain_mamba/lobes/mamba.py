@@ -476,10 +476,16 @@ class MambaStack(nn.Module):
         batch, time = hidden.shape[:2]
         if limit and not torch.is_grad_enabled() and batch > 1 and batch * time > limit:
             group = max(1, limit // time)
-            return torch.cat([self._forward(part) for part in hidden.split(group)])
-        return self._forward(hidden)
+            # Each group's last sum is written into its rows of the output (no concatenating copy).
+            out = torch.empty_like(hidden)
+            for rows, part in zip(out.split(group), hidden.split(group)):
+                self._blocks(part, out=rows)
+        else:
+            out = self._blocks(hidden)
+        return out if self.norm_f is None else self.norm_f(out)
 
-    def _forward(self, hidden: torch.Tensor) -> torch.Tensor:
+    def _blocks(self, hidden: torch.Tensor, out: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """The blocks, then ``hidden + residual`` (into ``out`` if given); no final norm."""
         residual = None
         recompute = self.checkpoint_blocks and self.training and torch.is_grad_enabled()
         for layer in self.layers:
@@ -488,8 +494,7 @@ class MambaStack(nn.Module):
                 hidden, residual = checkpoint(layer, hidden, residual, use_reentrant=False, preserve_rng_state=False)
             else:
                 hidden, residual = layer(hidden, residual)
-        hidden = hidden + residual
-        return hidden if self.norm_f is None else self.norm_f(hidden)
+        return torch.add(hidden, residual, out=out)
 
     def step(
         self, hidden: torch.Tensor, states: Optional[List[MambaState]] = None
