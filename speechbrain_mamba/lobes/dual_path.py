@@ -15,13 +15,14 @@ class ChannelLastDualComputationBlock(Dual_Computation_Block):
     """SpeechBrain's ``Dual_Computation_Block`` (one intra- and one inter-chunk
     layer), computing the same function with one layout copy instead of four.
 
-    The [B, N, K, S] activations are returned as a view of [B, S, K, N]
-    storage (channels innermost, chunks outermost). Fed such a view by the
-    layer before, the intra-chunk model reads its [B*S, K, N] sequences in
-    place; only the inter-chunk model's [B*K, S, N] input is copied, and its
-    output is read transposed by the norm and the residual sum. The norms
-    see the same values in another layout. Same arguments and submodules as
-    ``Dual_Computation_Block``.
+    With norms that keep their input's layout (``SingleGroupNorm``, which
+    :class:`DualPathModel` installs), the [B, N, K, S] activations are
+    returned as a view of [B, S, K, N] storage (channels innermost, chunks
+    outermost). Fed such a view by the layer before, the intra-chunk model
+    reads its [B*S, K, N] sequences in place; only the inter-chunk model's
+    [B*K, S, N] input is copied, and its output is read transposed by the norm
+    and the residual sum. Any other norm gives the same values, in whatever
+    layout it returns. Same arguments and submodules as ``Dual_Computation_Block``.
 
     Arguments
     ---------
@@ -36,6 +37,7 @@ class ChannelLastDualComputationBlock(Dual_Computation_Block):
     -------
     >>> from speechbrain_mamba.lobes import MambaStack
     >>> block = ChannelLastDualComputationBlock(MambaStack(16), MambaStack(16), 16)
+    >>> block = replace_single_group_norms(block)
     >>> x = torch.randn(2, 16, 10, 3)
     >>> y = block(x)
     >>> y.shape, y.permute(0, 3, 2, 1).is_contiguous()

@@ -18,7 +18,7 @@ backward pass is the same scan run in the opposite direction
 
 Without autograd nothing is kept for a backward pass, and the scan walks time
 frame by frame in blocks that stay in the CPU caches instead
-(``_selective_scan_inference``): 2.4-2.6x faster on DPMamba's shapes on a
+(``_selective_scan_inference``): 2.4-2.7x faster on DPMamba's shapes on a
 2-core CPU, with memory ``O(batch * L * channels)`` plus a few MiB.
 """
 
