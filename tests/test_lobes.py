@@ -125,6 +125,13 @@ def test_stack_runs_a_large_batch_in_groups_without_gradients():
     hook.remove()
 
 
+@pytest.mark.parametrize("option, value", [("checkpoint_blocks", "yes"), ("checkpoint_blocks", 1),
+                                           ("max_inference_frames", 0), ("max_inference_frames", 1.5)])
+def test_stack_names_a_bad_option(option, value):
+    with pytest.raises(ValueError, match=option):
+        MambaStack(16, **{option: value})
+
+
 def test_stack_with_checkpointed_blocks_gives_the_same_gradients():
     torch.manual_seed(0)
     plain = MambaStack(16, num_layers=3)

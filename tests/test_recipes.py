@@ -366,3 +366,16 @@ def test_debug_run_on_the_demo_corpus(recipe, model, debug_runs):
     assert rows[-1][0] == "avg"
     assert all(math.isfinite(float(value)) for row in rows[1:] for value in row[1:])
     assert (output / "train_log.txt").is_file() and (output / "hyperparams.yaml").is_file()
+
+
+def test_a_bad_hyperparameter_stops_with_one_clear_line(tmp_path, monkeypatch, caplog):
+    from speechbrain_mamba.separation.recipe import main
+
+    monkeypatch.chdir(tmp_path)  # the demo corpus goes below the working directory
+    hparams = REPO_ROOT / "recipes" / "WSJ0Mix" / "separation" / "hparams" / "dpmamba_xs.yaml"
+    with pytest.raises(SystemExit) as stop:
+        main([str(hparams), "--output_folder", str(tmp_path / "out"), "--checkpoint_blocks", "maybe"])
+    assert stop.value.code == 2 and isinstance(stop.value.__cause__, ValueError)
+    errors = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
+    assert errors == [f"Bad hyperparameters, stopping before training: {hparams}: "
+                      "checkpoint_blocks must be True or False; got 'maybe'."]

@@ -459,6 +459,12 @@ class MambaStack(nn.Module):
         super().__init__()
         if num_layers < 1:
             raise ValueError(f"MambaStack needs num_layers >= 1; got {num_layers}.")
+        if not isinstance(checkpoint_blocks, bool):
+            raise ValueError(f"checkpoint_blocks must be True or False; got {checkpoint_blocks!r}.")
+        if max_inference_frames is not None and (
+            isinstance(max_inference_frames, bool) or not isinstance(max_inference_frames, int) or max_inference_frames < 1
+        ):
+            raise ValueError(f"max_inference_frames must be a positive int or None; got {max_inference_frames!r}.")
         self.layers = nn.ModuleList(
             MambaBlock(d_model, bidirectional, norm, norm_epsilon, **mixer_kwargs)
             for _ in range(num_layers)

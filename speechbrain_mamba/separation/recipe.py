@@ -92,11 +92,16 @@ def noise_files(csv_path: Path) -> List[str]:
     return sorted({dataset.data[key]["noise_wav"] for key in dataset.data_ids if "noise_wav" in dataset.data[key]})
 
 
+class HparamsError(Exception):
+    """A module of the hparams file refused its arguments (the ``ValueError`` is the ``__cause__``)."""
+
+
 def main(argv: Optional[List[str]] = None) -> None:
     """Runs a recipe: ``main(["hparams/dpmamba_m.yaml", "--data_folder", ...])``.
 
-    Bad input data (a ``DataError``: the message names the file or folder and what was expected) ends the
-    run with that message as one error line, no traceback, and ``SystemExit(2)`` (the error is its
+    Bad input data (a ``DataError``: the message names the file or folder and what was expected) or a
+    bad hyperparameter (a ``ValueError`` of a module built by the hparams file, naming its argument) ends
+    the run with that message as one error line, no traceback, and ``SystemExit(2)`` (the error is its
     ``__cause__``). A finished distributed run (under ``torchrun``) ends its process here with status 0.
     """
     distributed = False
@@ -106,6 +111,9 @@ def main(argv: Optional[List[str]] = None) -> None:
     except DataError as error:
         logger.error(f"Bad input data, stopping before training: {error}")
         raise SystemExit(2) from error
+    except HparamsError as error:
+        logger.error(f"Bad hyperparameters, stopping before training: {error}")
+        raise SystemExit(2) from error.__cause__
     finally:
         # Left to interpreter shutdown, the process group's threads can abort the process (SIGABRT).
         if torch.distributed.is_available() and torch.distributed.is_initialized():
@@ -129,7 +137,10 @@ def _run(argv: Optional[List[str]]) -> None:
     if "demo_folder" not in _top_level_keys(hparams_file):
         overrides.pop("demo_folder", None)  # a recipe option, not a key of every hparams file
     with open(hparams_file) as handle:
-        hparams = load_hyperpyyaml(handle, overrides)
+        try:
+            hparams = load_hyperpyyaml(handle, overrides)
+        except ValueError as error:
+            raise HparamsError(f"{hparams_file}: {error}") from error
     # Evaluate in the training precision unless told otherwise (the stock recipe always used fp32).
     # run_opts is a frozen RunOptions; Brain takes a run option over the hparams only if it is in overridden_args.
     if "eval_precision" not in run_opts.overridden_args and "eval_precision" not in hparams:
