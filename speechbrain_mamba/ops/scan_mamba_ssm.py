@@ -10,6 +10,8 @@ from typing import Callable, Optional, Tuple
 
 import torch
 
+from speechbrain_mamba.ops.scan_torch import scale_and_add
+
 
 @functools.lru_cache(maxsize=None)
 def load_mamba_ssm_scan() -> Optional[Callable]:
@@ -49,10 +51,5 @@ def selective_scan_mamba_ssm(
     )
     # The kernel's backward ignores the returned state: detach it so that a loss on
     # it fails loudly instead of receiving a silently wrong gradient.
-    if reverse:
-        y = y.flip(-1)
-    if output_add is not None:
-        y = torch.add(output_add, y, alpha=output_scale)
-    elif output_scale != 1.0:
-        y = y * output_scale
+    y = scale_and_add(y.flip(-1) if reverse else y, output_scale, output_add)
     return y, last_state.detach()

@@ -166,11 +166,14 @@ class SelectiveScanFunction(torch.autograd.Function):
         return grad_dt, grad_dt_u * dt, grad_A, grad_B, grad_C, grad_initial, None
 
 
-def _scale_and_add(y: torch.Tensor, scale: float, add: Optional[torch.Tensor]) -> torch.Tensor:
-    """``scale * y + add`` in fp32 (``y`` is fp32), skipping what is the identity."""
+def scale_and_add(y: torch.Tensor, scale: float, add: Optional[torch.Tensor]) -> torch.Tensor:
+    """``scale * y + add`` (the scan's ``output_scale`` and ``output_add``), skipping what is the identity.
+
+    Backends without a fused version call it on their output.
+    """
     if scale != 1.0:
         y = y * scale
-    return y if add is None else y + add.float()
+    return y if add is None else y + add
 
 
 # Values in each working buffer of the inference scan (4 MiB in fp32): on a
@@ -323,5 +326,5 @@ def selective_scan_torch(
         y = y + D.float()[:, None] * u.float()
     if z is not None:
         y = y * F.silu(z.float())
-    y = _scale_and_add(y, output_scale, output_add)
+    y = scale_and_add(y, output_scale, output_add)
     return y.to(u.dtype), last_state.transpose(2, 3).reshape(batch, channels, state_size)
