@@ -175,9 +175,9 @@ def sweep(args):
     from speechbrain_mamba.ops.scan_triton import ScanConfig, selective_scan_triton
     from speechbrain_mamba.ops.selective_scan import BACKENDS
 
-    configs = {f"{e}x{l}w{w}": ScanConfig(block_e=e, block_l=l, num_warps=w, sequential_min_programs=0)
+    configs = {f"{e}x{l}w{w}": ScanConfig(block_e=e, block_l=l, num_warps=w, sequential_min_rows=0)
                for e, l, w in [(16, 32, 4), (32, 16, 4), (16, 32, 2), (8, 32, 2)]}
-    configs.update({f"seq{e}w{w}": ScanConfig(sequential_min_programs=1, sequential_block_e=e,
+    configs.update({f"seq{e}w{w}": ScanConfig(sequential_min_rows=1, sequential_block_e=e,
                                               sequential_num_warps=w)
                     for e, w in [(8, 1), (16, 1), (16, 2), (32, 1), (32, 2)]})
     for name, batch, channels, length in [SHAPES[0], SHAPES[3], SHAPES[8]]:

@@ -25,12 +25,13 @@ def kernels():
 
 
 def scan(kernels, backend, inputs, reverse, softplus=True, segments=False, sequential=False,
-         sequential_backward=None, y_loss=True, state_loss=True, output_scale=1.0):
+         sequential_backward=None, y_loss=True, state_loss=True, output_scale=1.0, prefetch=4, unroll=8):
     """Output, last state and the gradients of a weighted loss for one backend.
 
     ``sequential``: the frame-by-frame kernels run the forward pass and, unless
-    ``sequential_backward`` says otherwise, the backward pass. ``inputs`` may
-    hold an ``output_add``."""
+    ``sequential_backward`` says otherwise, the backward pass, loading frames
+    ``prefetch`` ahead and unrolling ``unroll`` of them. ``inputs`` may hold an
+    ``output_add``."""
     B, C = inputs["B"], inputs["C"]
     B, C = (B if B.dim() == 4 else B.unsqueeze(1)), (C if C.dim() == 4 else C.unsqueeze(1))
     args = (inputs["u"], inputs["delta"], inputs["A"], B, C, inputs["D"], inputs["z"], inputs["delta_bias"],
@@ -38,8 +39,8 @@ def scan(kernels, backend, inputs, reverse, softplus=True, segments=False, seque
     if backend == "triton":
         def config(frame_by_frame):
             return kernels.ScanConfig(block_e=2, block_l=8, num_warps=1, min_programs=10**6 if segments else 0,
-                                      min_segment_chunks=1, sequential_min_programs=int(frame_by_frame),
-                                      sequential_block_e=2)
+                                      min_segment_chunks=1, sequential_min_rows=int(frame_by_frame),
+                                      sequential_block_e=2, sequential_prefetch=prefetch, sequential_unroll=unroll)
 
         backward = sequential if sequential_backward is None else sequential_backward
         y, last = kernels.selective_scan_triton(*args, forward_config=config(sequential),
@@ -59,8 +60,9 @@ def scan(kernels, backend, inputs, reverse, softplus=True, segments=False, seque
 
 
 def check_against_reference(kernels, inputs, reverse, dtype=torch.float32, **options):
+    kernel_options = ("segments", "sequential", "sequential_backward", "prefetch", "unroll")
     y_ref, last_ref, grads_ref = scan(kernels, "reference", inputs, reverse, **{
-        k: v for k, v in options.items() if k not in ("segments", "sequential", "sequential_backward")})
+        k: v for k, v in options.items() if k not in kernel_options})
     y, last, grads = scan(kernels, "triton", inputs, reverse, **options)
     assert y.dtype == inputs["u"].dtype and last.dtype == torch.float32
     assert_close(y, y_ref, dtype, "output")
@@ -105,6 +107,17 @@ def test_one_kind_of_kernel_forward_the_other_backward(kernels, reverse, forward
     inputs = make_inputs(2, 4, 4, 19, 2, with_initial=True)
     check_against_reference(kernels, inputs, reverse, sequential=forward_sequential,
                             sequential_backward=not forward_sequential)
+
+
+@pytest.mark.parametrize("prefetch, unroll", [(1, 8), (3, 2), (11, 4)])
+@pytest.mark.parametrize("reverse", [False, True])
+def test_frames_loaded_ahead_across_chunks(kernels, reverse, prefetch, unroll):
+    """The frame-by-frame kernels load frames ``prefetch`` ahead (beyond the 8-frame chunk too, and
+    beyond the sequence's ends) and unroll ``unroll`` frames per step: the same results."""
+    inputs = make_inputs(2, 4, 4, 21, 2, with_initial=True)
+    inputs["output_add"] = torch.randn(2, 4, 21).requires_grad_()
+    check_against_reference(kernels, inputs, reverse, sequential=True, prefetch=prefetch, unroll=unroll,
+                            output_scale=0.5)
 
 
 @pytest.mark.parametrize("reverse", [False, True])

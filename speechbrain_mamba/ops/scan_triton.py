@@ -75,15 +75,25 @@ class ScanConfig:
         0 never splits.
     min_segment_chunks : int
         Fewest chunks in one segment.
-    sequential_min_programs : int
+    sequential_min_rows : int
         Walk time frame by frame (``_scan_fwd_sequential_kernel``,
         ``_scan_bwd_sequential_kernel``) when there are at least this many
-        (sequence, channel block) programs to keep the GPU busy without
-        splitting time; 0 never does.
+        (sequence, channel) rows, enough programs to keep the GPU busy
+        without splitting time; 0 never does.
     sequential_block_e : int
         Channels per program of the frame-by-frame kernels.
+    sequential_wide_min_rows : int
+        Below this many rows, the frame-by-frame kernels give each program
+        half of ``sequential_block_e`` channels: twice the programs to hide
+        the memory latency of the frames.
     sequential_num_warps : int
         Warps per program of the frame-by-frame backward kernel (the forward one uses 1).
+    sequential_prefetch : int
+        How many frames ahead of their arithmetic the frame-by-frame kernels
+        load a frame (at least 1; the backward kernel within a chunk).
+    sequential_unroll : int
+        Frames unrolled per loop step of the frame-by-frame forward kernel (a
+        power of two; at most ``block_l``).
     """
 
     block_e: int = 16
@@ -91,22 +101,24 @@ class ScanConfig:
     num_warps: int = 4
     min_programs: int = 1024
     min_segment_chunks: int = 4
-    sequential_min_programs: int = 512
+    sequential_min_rows: int = 8192
     sequential_block_e: int = 16
+    sequential_wide_min_rows: int = 0
     sequential_num_warps: int = 1
+    sequential_prefetch: int = 4
+    sequential_unroll: int = 8
 
 
 # Tiles measured best for forward + backward on DPMamba's and SepMamba's shapes (H100, see
 # benchmarks/gpu_scan_kernels.py --sweep): few lanes along time keep the scan's shuffles few.
-FORWARD_CONFIG = ScanConfig()
-# The frame-by-frame forward kernel with 32 channels per program: 1.2-1.6x faster on DPMamba-M's fp32
-# shapes, slower on its 4 s intra-chunk shape in bf16 (H200, benchmarks/sweep_scan_forward.py,
-# benchmarks/results/scan_forward_sweep_2026-11-24.md). Used for 32-bit inputs. Half the programs for as
-# many channels: the frame-by-frame threshold is halved too, so the same inputs take that kernel.
-FORWARD_CONFIG_FP32 = replace(FORWARD_CONFIG, sequential_block_e=32,
-                              sequential_min_programs=FORWARD_CONFIG.sequential_min_programs // 2)
+# The frame-by-frame forward kernel: 32 channels per program, frames loaded 4 ahead (H100,
+# benchmarks/results/scan_prefetch_h100_2026-11-24.md: 1.2-1.4x faster than without prefetching on
+# DPMamba-M's 16 and 60 s shapes); 16-bit inputs with fewer rows than DPMamba-M's 4 s inter-chunk scan
+# take 16 channels per program, faster there.
+FORWARD_CONFIG = ScanConfig(sequential_block_e=32, sequential_wide_min_rows=32768)
+FORWARD_CONFIG_FP32 = replace(FORWARD_CONFIG, sequential_wide_min_rows=0)
 # The backward pass reuses the forward pass's chunks: its block_l is not read.
-BACKWARD_CONFIG = ScanConfig()
+BACKWARD_CONFIG = ScanConfig(sequential_prefetch=1)
 
 
 @triton.jit
@@ -259,6 +271,33 @@ def _scan_fwd_kernel(
 
 
 @triton.jit
+def _frame_time(j, L, REVERSE: tl.constexpr):
+    """Time index of the ``j``-th frame in scan order."""
+    if REVERSE:
+        return L - 1 - j
+    else:
+        return j
+
+
+@triton.jit
+def _load_frame(t, L, u_row, d_row, z_row, add_row, B_seq, C_seq, su_l, sd_l, sz_l, sa_l, sB_l, sC_l, n_mask,
+                HAS_Z: tl.constexpr, HAS_ADD: tl.constexpr):
+    """Frame ``t``'s inputs of a channel block, in fp32 (zeros outside ``[0, L)``)."""
+    valid = (t >= 0) & (t < L)
+    u = tl.load(u_row + t * su_l, mask=valid, other=0.0).to(tl.float32)
+    delta = tl.load(d_row + t * sd_l, mask=valid, other=0.0).to(tl.float32)
+    B_t = tl.load(B_seq + t * sB_l, mask=n_mask & valid, other=0.0).to(tl.float32)
+    C_t = tl.load(C_seq + t * sC_l, mask=n_mask & valid, other=0.0).to(tl.float32)
+    z = u
+    if HAS_Z:
+        z = tl.load(z_row + t * sz_l, mask=valid, other=0.0).to(tl.float32)
+    add = u
+    if HAS_ADD:
+        add = tl.load(add_row + t * sa_l, mask=valid, other=0.0).to(tl.float32)
+    return u, delta, B_t, C_t, z, add
+
+
+@triton.jit
 def _scan_fwd_sequential_kernel(
     u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, h0_ptr, add_ptr,
     y_ptr, last_ptr, chunk_ptr,
@@ -266,17 +305,22 @@ def _scan_fwd_sequential_kernel(
     su_b, su_e, su_l, sd_b, sd_e, sd_l, sz_b, sz_e, sz_l, sa_b, sa_e, sa_l, sy_b, sy_e, sy_l,
     sB_b, sB_g, sB_n, sB_l, sC_b, sC_g, sC_n, sC_l,
     N: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_L: tl.constexpr,
+    PREFETCH: tl.constexpr, UNROLL: tl.constexpr,
     HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_H0: tl.constexpr,
     HAS_ADD: tl.constexpr, SOFTPLUS: tl.constexpr, REVERSE: tl.constexpr, STORE_CHUNKS: tl.constexpr,
 ):
     """Forward scan of one channel block of one sequence, one frame at a time.
 
     The ``(BLOCK_E, N)`` state stays in registers and each frame is read once:
-    no scan tree, no per-state loop. The ``BLOCK_L`` frames of a chunk are
-    unrolled, so their loads (which do not depend on the state) are issued
-    ahead of the arithmetic. Same outputs, chunk-entering states included, as
-    ``_scan_fwd_kernel``; it needs many programs (sequences x channel blocks)
-    to hide memory latency, which DPMamba's intra and inter scans have.
+    no scan tree, no per-state loop. A frame's loads are issued ``PREFETCH``
+    frames ahead of its arithmetic: issued after the previous frame's store,
+    they could not be moved above it (the compiler cannot rule out that the
+    store aliases them) and every frame would wait a full memory latency.
+    ``UNROLL`` frames (a divisor of ``BLOCK_L``) are unrolled per loop step:
+    more makes compilation much slower (superlinearly) for little gain.
+    Same outputs, chunk-entering states included, as ``_scan_fwd_kernel``; it
+    needs many programs (sequences x channel blocks) to keep the GPU busy,
+    which DPMamba's intra and inter scans have.
     """
     pid = tl.program_id(0)
     pid_e = pid % num_eblocks
@@ -306,33 +350,36 @@ def _scan_fwd_sequential_kernel(
     state = tl.zeros([BLOCK_E, BLOCK_N], tl.float32)
     if HAS_H0:
         state = tl.load(h0_ptr + state_offs, mask=en_mask, other=0.0).to(tl.float32)
+    # The inputs of the next PREFETCH frames in scan order, oldest first.
+    ahead = ()
+    for j in tl.static_range(PREFETCH):
+        ahead = ahead + (_load_frame(_frame_time(j, L, REVERSE), L, u_row, d_row, z_row, add_row, B_seq, C_seq,
+                                     su_l, sd_l, sz_l, sa_l, sB_l, sC_l, n_mask, HAS_Z, HAS_ADD),)
     for k in range(0, num_chunks):
         if STORE_CHUNKS:
             tl.store(chunk_ptr + ((pid_b * E + offs_e[:, None]) * num_chunks + k) * N + offs_n[None, :],
                      state, mask=en_mask)
-        for i in tl.static_range(BLOCK_L):
-            if REVERSE:
-                t = L - 1 - k * BLOCK_L - i
-            else:
-                t = k * BLOCK_L + i
-            valid = (t >= 0) & (t < L)
-            u = tl.load(u_row + t * su_l, mask=valid, other=0.0).to(tl.float32)
-            delta = tl.load(d_row + t * sd_l, mask=valid, other=0.0).to(tl.float32)
-            B_t = tl.load(B_seq + t * sB_l, mask=n_mask & valid, other=0.0).to(tl.float32)
-            C_t = tl.load(C_seq + t * sC_l, mask=n_mask & valid, other=0.0).to(tl.float32)
-            dt, _ = _dt(delta[:, None], bias, HAS_BIAS, SOFTPLUS)
-            dt = tl.where(valid, dt, 0.0)  # padding frames: dA = 1, no input
-            state = tl.exp2(dt * A2) * state + (dt * u[:, None]) * B_t[None, :]
-            out = tl.sum(state * C_t[None, :], axis=1)
-            if HAS_D:
-                out += D * u
-            if HAS_Z:
-                z = tl.load(z_row + t * sz_l, mask=valid, other=0.0).to(tl.float32)
-                out = out * z / (1.0 + tl.exp2(-z * _LOG2E))
-            out *= out_scale
-            if HAS_ADD:
-                out += tl.load(add_row + t * sa_l, mask=valid, other=0.0).to(tl.float32)
-            tl.store(y_row + t * sy_l, out.to(y_ptr.dtype.element_ty), mask=valid)
+        for step in range(0, BLOCK_L // UNROLL):
+            for i in tl.static_range(UNROLL):
+                frame = k * BLOCK_L + step * UNROLL + i  # index in scan order
+                t = _frame_time(frame, L, REVERSE)
+                valid = (t >= 0) & (t < L)
+                u, delta, B_t, C_t, z, add = ahead[0]
+                ahead = ahead[1:] + (_load_frame(_frame_time(frame + PREFETCH, L, REVERSE), L, u_row, d_row, z_row,
+                                                 add_row, B_seq, C_seq, su_l, sd_l, sz_l, sa_l, sB_l, sC_l, n_mask,
+                                                 HAS_Z, HAS_ADD),)
+                dt, _ = _dt(delta[:, None], bias, HAS_BIAS, SOFTPLUS)
+                dt = tl.where(valid, dt, 0.0)  # padding frames: dA = 1, no input
+                state = tl.exp2(dt * A2) * state + (dt * u[:, None]) * B_t[None, :]
+                out = tl.sum(state * C_t[None, :], axis=1)
+                if HAS_D:
+                    out += D * u
+                if HAS_Z:
+                    out = out * z / (1.0 + tl.exp2(-z * _LOG2E))
+                out *= out_scale
+                if HAS_ADD:
+                    out += add
+                tl.store(y_row + t * sy_l, out.to(y_ptr.dtype.element_ty), mask=valid)
     tl.store(last_ptr + state_offs, state, mask=en_mask)
 
 
@@ -501,6 +548,36 @@ def _scan_bwd_kernel(
 
 
 @triton.jit
+def _load_recompute_frame(t, L, u_row, d_row, B_seq, su_l, sd_l, sB_l, n_mask):
+    """Frame ``t``'s inputs of the backward kernel's state recomputation."""
+    valid = (t >= 0) & (t < L)
+    u = tl.load(u_row + t * su_l, mask=valid, other=0.0).to(tl.float32)
+    delta = tl.load(d_row + t * sd_l, mask=valid, other=0.0).to(tl.float32)
+    B_t = tl.load(B_seq + t * sB_l, mask=n_mask & valid, other=0.0).to(tl.float32)
+    return u, delta, B_t
+
+
+@triton.jit
+def _load_adjoint_frame(i, k, L, u_row, d_row, dy_row, z_row, B_seq, C_seq, scratch, su_l, sd_l, sy_l, sz_l, sB_l,
+                        sC_l, n_mask, BLOCK_E: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_L: tl.constexpr,
+                        HAS_Z: tl.constexpr, REVERSE: tl.constexpr):
+    """Inputs of frame ``i`` of chunk ``k`` for the adjoint walk, its recomputed state included
+    (nothing before the chunk's first frame: the scratch slot holds this chunk only)."""
+    t = _frame_time(k * BLOCK_L + i, L, REVERSE)
+    valid = (t >= 0) & (t < L) & (i >= 0)
+    u = tl.load(u_row + t * su_l, mask=valid, other=0.0).to(tl.float32)
+    delta = tl.load(d_row + t * sd_l, mask=valid, other=0.0).to(tl.float32)
+    dy = tl.load(dy_row + t * sy_l, mask=valid, other=0.0).to(tl.float32)
+    B_t = tl.load(B_seq + t * sB_l, mask=n_mask & valid, other=0.0).to(tl.float32)
+    C_t = tl.load(C_seq + t * sC_l, mask=n_mask & valid, other=0.0).to(tl.float32)
+    z = u
+    if HAS_Z:
+        z = tl.load(z_row + t * sz_l, mask=valid, other=0.0).to(tl.float32)
+    h = tl.load(scratch + i * (BLOCK_E * BLOCK_N), mask=i >= 0, other=0.0)
+    return u, delta, dy, B_t, C_t, z, h
+
+
+@triton.jit
 def _scan_bwd_sequential_kernel(
     u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, dy_ptr, dlast_ptr, chunk_ptr, scratch_ptr,
     du_ptr, ddelta_ptr, dA_ptr, dB_part_ptr, dC_part_ptr, dD_ptr, dz_ptr, dbias_ptr, dh0_ptr,
@@ -509,6 +586,7 @@ def _scan_bwd_sequential_kernel(
     sdu_b, sdu_e, sdu_l, sdd_b, sdd_e, sdd_l, sdz_b, sdz_e, sdz_l,
     sB_b, sB_g, sB_n, sB_l, sC_b, sC_g, sC_n, sC_l,
     N: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_L: tl.constexpr,
+    PREFETCH: tl.constexpr,
     HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_DLAST: tl.constexpr,
     SOFTPLUS: tl.constexpr, REVERSE: tl.constexpr, STORE_DH0: tl.constexpr,
 ):
@@ -567,40 +645,42 @@ def _scan_bwd_sequential_kernel(
         h = tl.load(chunk_ptr + ((pid_b * E + offs_e[:, None]) * num_chunks + k) * N + offs_n[None, :],
                     mask=en_mask, other=0.0)
         # States of the chunk, in scan order, into the scratch slot. The frame loops are not
-        # unrolled: unrolled, the kernel takes minutes to compile.
+        # unrolled (unrolled, the kernel takes minutes to compile); as in the forward kernel,
+        # frames are loaded PREFETCH frames ahead, here within the chunk.
+        ahead = ()
+        for j in tl.static_range(PREFETCH):
+            ahead = ahead + (_load_recompute_frame(_frame_time(k * BLOCK_L + j, L, REVERSE), L, u_row, d_row, B_seq,
+                                                   su_l, sd_l, sB_l, n_mask),)
         for i in range(0, BLOCK_L):
-            if REVERSE:
-                t = L - 1 - k * BLOCK_L - i
-            else:
-                t = k * BLOCK_L + i
+            t = _frame_time(k * BLOCK_L + i, L, REVERSE)
             valid = (t >= 0) & (t < L)
-            u = tl.load(u_row + t * su_l, mask=valid, other=0.0).to(tl.float32)
-            delta = tl.load(d_row + t * sd_l, mask=valid, other=0.0).to(tl.float32)
-            B_t = tl.load(B_seq + t * sB_l, mask=n_mask & valid, other=0.0).to(tl.float32)
+            u, delta, B_t = ahead[0]
+            ahead = ahead[1:] + (_load_recompute_frame(_frame_time(k * BLOCK_L + i + PREFETCH, L, REVERSE), L, u_row,
+                                                       d_row, B_seq, su_l, sd_l, sB_l, n_mask),)
             dt, _ = _dt(delta[:, None], bias, HAS_BIAS, SOFTPLUS)
             dt = tl.where(valid, dt, 0.0)
             h = tl.exp2(dt * A2) * h + (dt * u[:, None]) * B_t[None, :]
             tl.store(scratch + i * (BLOCK_E * BLOCK_N), h)
         # The scratch slot is written and read by the same threads (same layout), but make it explicit.
         tl.debug_barrier()
+        ahead = ()
+        for j in tl.static_range(PREFETCH):
+            ahead = ahead + (_load_adjoint_frame(BLOCK_L - 1 - j, k, L, u_row, d_row, dy_row, z_row, B_seq, C_seq,
+                                                 scratch, su_l, sd_l, sy_l, sz_l, sB_l, sC_l, n_mask, BLOCK_E,
+                                                 BLOCK_N, BLOCK_L, HAS_Z, REVERSE),)
         for r in range(0, BLOCK_L):
             i = BLOCK_L - 1 - r
-            if REVERSE:
-                t = L - 1 - k * BLOCK_L - i
-            else:
-                t = k * BLOCK_L + i
+            t = _frame_time(k * BLOCK_L + i, L, REVERSE)
             valid = (t >= 0) & (t < L)
-            u = tl.load(u_row + t * su_l, mask=valid, other=0.0).to(tl.float32)
-            delta = tl.load(d_row + t * sd_l, mask=valid, other=0.0).to(tl.float32)
-            dy = tl.load(dy_row + t * sy_l, mask=valid, other=0.0).to(tl.float32) * out_scale
-            B_t = tl.load(B_seq + t * sB_l, mask=n_mask & valid, other=0.0).to(tl.float32)
-            C_t = tl.load(C_seq + t * sC_l, mask=n_mask & valid, other=0.0).to(tl.float32)
-            h = tl.load(scratch + i * (BLOCK_E * BLOCK_N))
+            u, delta, dy, B_t, C_t, z, h = ahead[0]
+            ahead = ahead[1:] + (_load_adjoint_frame(i - PREFETCH, k, L, u_row, d_row, dy_row, z_row, B_seq, C_seq,
+                                                     scratch, su_l, sd_l, sy_l, sz_l, sB_l, sC_l, n_mask, BLOCK_E,
+                                                     BLOCK_N, BLOCK_L, HAS_Z, REVERSE),)
+            dy = dy * out_scale
             dt, slope = _dt(delta[:, None], bias, HAS_BIAS, SOFTPLUS)  # (BLOCK_E, 1)
             dt = tl.where(valid, dt, 0.0)
             dt_e, slope_e = tl.sum(dt, axis=1), tl.sum(slope, axis=1)  # the same as (BLOCK_E,) vectors
             if HAS_Z:
-                z = tl.load(z_row + t * sz_l, mask=valid, other=0.0).to(tl.float32)
                 sig_z = 1.0 / (1.0 + tl.exp2(-z * _LOG2E))
                 dout = dy * z * sig_z
             else:
@@ -640,6 +720,14 @@ def _scan_bwd_sequential_kernel(
 def _pow2_divisor(n: int, cap: int) -> int:
     """Largest power of two that divides ``n`` and is at most ``cap``."""
     return min(n & -n, cap)
+
+
+def _sequential_block_e(batch: int, channels: int, per_group: int, config: ScanConfig) -> int:
+    """Channels per program of the frame-by-frame kernels."""
+    block_e = config.sequential_block_e
+    if batch * channels < config.sequential_wide_min_rows:
+        block_e = max(1, block_e // 2)
+    return _pow2_divisor(per_group, block_e)
 
 
 @dataclass(frozen=True)
@@ -716,12 +804,13 @@ def _forward(u, delta, A, B, C, D, z, delta_bias, initial_state, softplus, rever
         HAS_H0=initial_state is not None, HAS_ADD=output_add is not None, SOFTPLUS=softplus, REVERSE=reverse,
     )
     per_group = channels // groups
-    sequential_block_e = _pow2_divisor(per_group, config.sequential_block_e)
+    sequential_block_e = _sequential_block_e(batch, channels, per_group, config)
     sequential_programs = batch * (channels // sequential_block_e)
-    if config.sequential_min_programs and sequential_programs >= config.sequential_min_programs:
+    if config.sequential_min_rows and batch * channels >= config.sequential_min_rows:
         _scan_fwd_sequential_kernel[(sequential_programs,)](
             *inputs, y, last, chunks, channels, length, per_group, channels // sequential_block_e,
-            plan.num_chunks, output_scale, *strides, BLOCK_E=sequential_block_e, STORE_CHUNKS=store_chunks, num_warps=1,
+            plan.num_chunks, output_scale, *strides, BLOCK_E=sequential_block_e, PREFETCH=config.sequential_prefetch,
+            UNROLL=min(config.sequential_unroll, plan.block_l), STORE_CHUNKS=store_chunks, num_warps=1,
             **flags,
         )
         return y, last, chunks, plan
@@ -763,9 +852,9 @@ def _backward(u, delta, A, B, C, D, z, delta_bias, dy, dlast, chunks, fwd_plan, 
         HAS_DLAST=dlast is not None, SOFTPLUS=softplus, REVERSE=reverse, STORE_DH0=want_dh0,
     )
     per_group = channels // groups
-    sequential_block_e = _pow2_divisor(per_group, config.sequential_block_e)
+    sequential_block_e = _sequential_block_e(batch, channels, per_group, config)
     num_eblocks = channels // sequential_block_e
-    if config.sequential_min_programs and batch * num_eblocks >= config.sequential_min_programs:
+    if config.sequential_min_rows and batch * channels >= config.sequential_min_rows:
         programs = batch * num_eblocks
         scratch = torch.empty(programs, plan.block_l * sequential_block_e * plan.block_n, **f32)
         # Each channel block's share of dB and dC, frames in order; summed over the group's blocks below.
@@ -775,7 +864,8 @@ def _backward(u, delta, A, B, C, D, z, delta_bias, dy, dlast, chunks, fwd_plan, 
             *inputs, scratch, du, ddelta, dA, dB_part, dC_part, dA if dD is None else dD,
             du if dz is None else dz, dA if dbias is None else dbias, dA if dh0 is None else dh0,
             channels, length, per_group, num_eblocks, plan.num_chunks, output_scale, *strides,
-            BLOCK_E=sequential_block_e, num_warps=config.sequential_num_warps, **flags,
+            BLOCK_E=sequential_block_e, PREFETCH=config.sequential_prefetch,
+            num_warps=config.sequential_num_warps, **flags,
         )
 
         def group_sum(part: torch.Tensor) -> torch.Tensor:  # -> (batch, groups, N, L)
