@@ -57,12 +57,14 @@ def test_auto_backend_on_cuda():
 @pytest.mark.parametrize("reverse", [False, True])
 @pytest.mark.parametrize(
     "shape",
-    [(2, 64, 16, 250, 1), (1, 32, 16, 5000, 1), (3, 48, 16, 97, 3), (40, 512, 16, 250, 1), (260, 256, 16, 33, 1)],
+    [(2, 64, 16, 250, 1), (1, 32, 16, 5000, 1), (2, 256, 16, 4000, 1), (3, 48, 16, 97, 3), (40, 512, 16, 250, 1),
+     (260, 256, 16, 33, 1)],
     ids=lambda s: "b{}e{}n{}L{}g{}".format(*s),
 )
 def test_triton_on_model_shapes_matches_torch(shape, reverse, dtype):
-    """Real tile sizes (several chunks, split segments for the long one, the frame-by-frame forward kernel for
-    DPMamba's many-sequence shapes) against the PyTorch backend."""
+    """Real tile sizes against the PyTorch backend: several chunks; few long sequences (SepMamba) with the
+    frame-by-frame forward kernel over segments of time and the chunked backward kernel over segments;
+    the frame-by-frame kernels on DPMamba's many-sequence shapes."""
     batch, channels, state, length, groups = shape
     inputs = make_inputs(batch, channels, state, length, groups, dtype=dtype, device="cuda", with_initial=True)
     y_ref, last_ref, grads_ref = run_scan(inputs, "torch", reverse)

@@ -25,13 +25,15 @@ def kernels():
 
 
 def scan(kernels, backend, inputs, reverse, softplus=True, segments=False, sequential=False,
-         sequential_backward=None, y_loss=True, state_loss=True, output_scale=1.0, prefetch=4, unroll=8):
+         sequential_backward=None, y_loss=True, state_loss=True, output_scale=1.0, prefetch=4, unroll=8,
+         split=False):
     """Output, last state and the gradients of a weighted loss for one backend.
 
     ``sequential``: the frame-by-frame kernels run the forward pass and, unless
     ``sequential_backward`` says otherwise, the backward pass, loading frames
-    ``prefetch`` ahead and unrolling ``unroll`` of them. ``inputs`` may hold an
-    ``output_add``."""
+    ``prefetch`` ahead and unrolling ``unroll`` of them. ``split``: the
+    frame-by-frame forward kernel over segments of time, the chunked backward.
+    ``inputs`` may hold an ``output_add``."""
     B, C = inputs["B"], inputs["C"]
     B, C = (B if B.dim() == 4 else B.unsqueeze(1)), (C if C.dim() == 4 else C.unsqueeze(1))
     args = (inputs["u"], inputs["delta"], inputs["A"], B, C, inputs["D"], inputs["z"], inputs["delta_bias"],
@@ -40,7 +42,8 @@ def scan(kernels, backend, inputs, reverse, softplus=True, segments=False, seque
         def config(frame_by_frame):
             return kernels.ScanConfig(block_e=2, block_l=8, num_warps=1, min_programs=10**6 if segments else 0,
                                       min_segment_chunks=1, sequential_min_rows=int(frame_by_frame),
-                                      sequential_block_e=2, sequential_prefetch=prefetch, sequential_unroll=unroll)
+                                      sequential_block_e=2, sequential_prefetch=prefetch, sequential_unroll=unroll,
+                                      sequential_split_programs=10**6 if split else 0)
 
         backward = sequential if sequential_backward is None else sequential_backward
         y, last = kernels.selective_scan_triton(*args, forward_config=config(sequential),
@@ -60,7 +63,7 @@ def scan(kernels, backend, inputs, reverse, softplus=True, segments=False, seque
 
 
 def check_against_reference(kernels, inputs, reverse, dtype=torch.float32, **options):
-    kernel_options = ("segments", "sequential", "sequential_backward", "prefetch", "unroll")
+    kernel_options = ("segments", "sequential", "sequential_backward", "prefetch", "unroll", "split")
     y_ref, last_ref, grads_ref = scan(kernels, "reference", inputs, reverse, **{
         k: v for k, v in options.items() if k not in kernel_options})
     y, last, grads = scan(kernels, "triton", inputs, reverse, **options)
@@ -118,6 +121,16 @@ def test_frames_loaded_ahead_across_chunks(kernels, reverse, prefetch, unroll):
     inputs["output_add"] = torch.randn(2, 4, 21).requires_grad_()
     check_against_reference(kernels, inputs, reverse, sequential=True, prefetch=prefetch, unroll=unroll,
                             output_scale=0.5)
+
+
+@pytest.mark.parametrize("case", [c for c in CASES if c[3] > 1], ids=lambda c: f"L{c[3]}g{c[4]}h0{c[8]:d}rev{c[9]:d}")
+def test_frame_by_frame_forward_over_segments_of_time(kernels, case):
+    """Few long sequences (SepMamba): the frame-by-frame forward kernel over segments of 8 frames, each
+    started from the state the earlier segments' summaries (end state, total decay) give."""
+    batch, channels, state, length, groups, with_D, with_z, with_bias, with_initial, reverse, _ = case
+    inputs = make_inputs(batch, channels, state, length, groups, with_D=with_D, with_z=with_z,
+                         with_bias=with_bias, with_initial=with_initial)
+    check_against_reference(kernels, inputs, reverse, split=True)
 
 
 @pytest.mark.parametrize("reverse", [False, True])

@@ -86,6 +86,11 @@ class ScanConfig:
         Below this many rows, the frame-by-frame kernels give each program
         half of ``sequential_block_e`` channels: twice the programs to hide
         the memory latency of the frames.
+    sequential_split_programs : int
+        Below ``sequential_min_rows``, the frame-by-frame forward kernel still
+        runs, with time split into segments until about this many programs
+        run (the backward pass takes the chunked kernel there); 0: the chunked
+        kernels run instead.
     sequential_num_warps : int
         Warps per program of the frame-by-frame backward kernel (the forward one uses 1).
     sequential_prefetch : int
@@ -104,6 +109,7 @@ class ScanConfig:
     sequential_min_rows: int = 8192
     sequential_block_e: int = 16
     sequential_wide_min_rows: int = 0
+    sequential_split_programs: int = 0
     sequential_num_warps: int = 1
     sequential_prefetch: int = 4
     sequential_unroll: int = 8
@@ -115,7 +121,7 @@ class ScanConfig:
 # benchmarks/results/scan_prefetch_h100_2026-11-24.md: 1.2-1.4x faster than without prefetching on
 # DPMamba-M's 16 and 60 s shapes); 16-bit inputs with fewer rows than DPMamba-M's 4 s inter-chunk scan
 # take 16 channels per program, faster there.
-FORWARD_CONFIG = ScanConfig(sequential_block_e=32, sequential_wide_min_rows=32768)
+FORWARD_CONFIG = ScanConfig(sequential_block_e=32, sequential_wide_min_rows=32768, sequential_split_programs=2048)
 FORWARD_CONFIG_FP32 = replace(FORWARD_CONFIG, sequential_wide_min_rows=0)
 # The backward pass reuses the forward pass's chunks: its block_l is not read.
 BACKWARD_CONFIG = ScanConfig(sequential_prefetch=1)
@@ -300,16 +306,17 @@ def _load_frame(t, L, u_row, d_row, z_row, add_row, B_seq, C_seq, su_l, sd_l, sz
 @triton.jit
 def _scan_fwd_sequential_kernel(
     u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, h0_ptr, add_ptr,
-    y_ptr, last_ptr, chunk_ptr,
-    E, L, per_group, num_eblocks, num_chunks, out_scale,
+    y_ptr, last_ptr, chunk_ptr, seg_decay_ptr, seg_state_ptr,
+    E, L, per_group, num_eblocks, num_chunks, chunks_per_seg, num_seg, out_scale,
     su_b, su_e, su_l, sd_b, sd_e, sd_l, sz_b, sz_e, sz_l, sa_b, sa_e, sa_l, sy_b, sy_e, sy_l,
     sB_b, sB_g, sB_n, sB_l, sC_b, sC_g, sC_n, sC_l,
     N: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_L: tl.constexpr,
     PREFETCH: tl.constexpr, UNROLL: tl.constexpr,
     HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_H0: tl.constexpr,
-    HAS_ADD: tl.constexpr, SOFTPLUS: tl.constexpr, REVERSE: tl.constexpr, STORE_CHUNKS: tl.constexpr,
+    HAS_ADD: tl.constexpr, SOFTPLUS: tl.constexpr, REVERSE: tl.constexpr, SUMMARY: tl.constexpr,
+    STORE_CHUNKS: tl.constexpr,
 ):
-    """Forward scan of one channel block of one sequence, one frame at a time.
+    """Forward scan of one channel block over one segment of one sequence, one frame at a time.
 
     The ``(BLOCK_E, N)`` state stays in registers and each frame is read once:
     no scan tree, no per-state loop. A frame's loads are issued ``PREFETCH``
@@ -319,12 +326,17 @@ def _scan_fwd_sequential_kernel(
     ``UNROLL`` frames (a divisor of ``BLOCK_L``) are unrolled per loop step:
     more makes compilation much slower (superlinearly) for little gain.
     Same outputs, chunk-entering states included, as ``_scan_fwd_kernel``; it
-    needs many programs (sequences x channel blocks) to keep the GPU busy,
-    which DPMamba's intra and inter scans have.
+    needs many programs to keep the GPU busy. DPMamba's intra and inter scans
+    have enough sequences x channel blocks; SepMamba's few long sequences are
+    split into segments as in ``_scan_fwd_kernel``: ``SUMMARY`` scans a
+    segment from a zero state and stores its end state and its total decay
+    ``exp(A sum(dt))``; the main launch starts each segment from the state the
+    earlier segments' summaries give.
     """
     pid = tl.program_id(0)
     pid_e = pid % num_eblocks
     pid_b = pid // num_eblocks
+    seg = tl.program_id(1)
     offs_e = pid_e * BLOCK_E + tl.arange(0, BLOCK_E)
     offs_n = tl.arange(0, BLOCK_N)
     n_mask = offs_n < N
@@ -348,14 +360,26 @@ def _scan_fwd_sequential_kernel(
     state_offs = (pid_b * E + offs_e[:, None]) * N + offs_n[None, :]
 
     state = tl.zeros([BLOCK_E, BLOCK_N], tl.float32)
-    if HAS_H0:
-        state = tl.load(h0_ptr + state_offs, mask=en_mask, other=0.0).to(tl.float32)
+    if not SUMMARY:
+        if HAS_H0:
+            state = tl.load(h0_ptr + state_offs, mask=en_mask, other=0.0).to(tl.float32)
+        # Summaries of the earlier segments, in scan order.
+        for j in range(0, seg):
+            seg_offs = ((pid_b * E + offs_e[:, None]) * num_seg + j) * N + offs_n[None, :]
+            state = tl.load(seg_decay_ptr + seg_offs, mask=en_mask, other=1.0) * state + tl.load(
+                seg_state_ptr + seg_offs, mask=en_mask, other=0.0)
+    dt_sum = tl.zeros([BLOCK_E, 1], tl.float32)
+    # A summary needs no output: its loads of z and the added tensor are left out.
+    LOAD_Z: tl.constexpr = HAS_Z and not SUMMARY
+    LOAD_ADD: tl.constexpr = HAS_ADD and not SUMMARY
+    k_begin = seg * chunks_per_seg
+    k_end = tl.minimum(k_begin + chunks_per_seg, num_chunks)
     # The inputs of the next PREFETCH frames in scan order, oldest first.
     ahead = ()
     for j in tl.static_range(PREFETCH):
-        ahead = ahead + (_load_frame(_frame_time(j, L, REVERSE), L, u_row, d_row, z_row, add_row, B_seq, C_seq,
-                                     su_l, sd_l, sz_l, sa_l, sB_l, sC_l, n_mask, HAS_Z, HAS_ADD),)
-    for k in range(0, num_chunks):
+        ahead = ahead + (_load_frame(_frame_time(k_begin * BLOCK_L + j, L, REVERSE), L, u_row, d_row, z_row, add_row,
+                                     B_seq, C_seq, su_l, sd_l, sz_l, sa_l, sB_l, sC_l, n_mask, LOAD_Z, LOAD_ADD),)
+    for k in range(k_begin, k_end):
         if STORE_CHUNKS:
             tl.store(chunk_ptr + ((pid_b * E + offs_e[:, None]) * num_chunks + k) * N + offs_n[None, :],
                      state, mask=en_mask)
@@ -367,20 +391,29 @@ def _scan_fwd_sequential_kernel(
                 u, delta, B_t, C_t, z, add = ahead[0]
                 ahead = ahead[1:] + (_load_frame(_frame_time(frame + PREFETCH, L, REVERSE), L, u_row, d_row, z_row,
                                                  add_row, B_seq, C_seq, su_l, sd_l, sz_l, sa_l, sB_l, sC_l, n_mask,
-                                                 HAS_Z, HAS_ADD),)
+                                                 LOAD_Z, LOAD_ADD),)
                 dt, _ = _dt(delta[:, None], bias, HAS_BIAS, SOFTPLUS)
                 dt = tl.where(valid, dt, 0.0)  # padding frames: dA = 1, no input
                 state = tl.exp2(dt * A2) * state + (dt * u[:, None]) * B_t[None, :]
-                out = tl.sum(state * C_t[None, :], axis=1)
-                if HAS_D:
-                    out += D * u
-                if HAS_Z:
-                    out = out * z / (1.0 + tl.exp2(-z * _LOG2E))
-                out *= out_scale
-                if HAS_ADD:
-                    out += add
-                tl.store(y_row + t * sy_l, out.to(y_ptr.dtype.element_ty), mask=valid)
-    tl.store(last_ptr + state_offs, state, mask=en_mask)
+                if SUMMARY:
+                    dt_sum += dt
+                else:
+                    out = tl.sum(state * C_t[None, :], axis=1)
+                    if HAS_D:
+                        out += D * u
+                    if HAS_Z:
+                        out = out * z / (1.0 + tl.exp2(-z * _LOG2E))
+                    out *= out_scale
+                    if HAS_ADD:
+                        out += add
+                    tl.store(y_row + t * sy_l, out.to(y_ptr.dtype.element_ty), mask=valid)
+    if SUMMARY:
+        # The product of the segment's decays exp2(dt A2) is exp2(A2 sum(dt)).
+        seg_offs = ((pid_b * E + offs_e[:, None]) * num_seg + seg) * N + offs_n[None, :]
+        tl.store(seg_decay_ptr + seg_offs, tl.exp2(dt_sum * A2), mask=en_mask)
+        tl.store(seg_state_ptr + seg_offs, state, mask=en_mask)
+    elif seg == num_seg - 1:
+        tl.store(last_ptr + state_offs, state, mask=en_mask)
 
 
 @triton.jit
@@ -750,15 +783,20 @@ def _plan(batch: int, channels: int, length: int, state: int, per_group: int, co
     block_l = min(reversed(sizes), key=lambda size: triton.cdiv(length, size) * (size + 16))
     num_eblocks = channels // block_e
     num_chunks = triton.cdiv(length, block_l)
-    programs = batch * num_eblocks
-    num_seg = 1
-    if config.min_programs and programs < config.min_programs:
-        wanted = triton.cdiv(config.min_programs, programs)
-        num_seg = max(1, min(wanted, num_chunks // max(1, config.min_segment_chunks)))
-    chunks_per_seg = triton.cdiv(num_chunks, num_seg)
-    num_seg = triton.cdiv(num_chunks, chunks_per_seg)
+    chunks_per_seg, num_seg = _segments(batch * num_eblocks, num_chunks, config.min_programs,
+                                        config.min_segment_chunks)
     return _Launch(block_e, block_l, triton.next_power_of_2(state), config.num_warps, num_eblocks,
                    num_chunks, chunks_per_seg, num_seg)
+
+
+def _segments(programs: int, num_chunks: int, min_programs: int, min_segment_chunks: int) -> Tuple[int, int]:
+    """(chunks per segment, segments): time split until about ``min_programs`` programs run."""
+    num_seg = 1
+    if min_programs and programs < min_programs:
+        wanted = triton.cdiv(min_programs, programs)
+        num_seg = max(1, min(wanted, num_chunks // max(1, min_segment_chunks)))
+    chunks_per_seg = triton.cdiv(num_chunks, num_seg)
+    return chunks_per_seg, triton.cdiv(num_chunks, chunks_per_seg)
 
 
 def _strides3(t: Optional[torch.Tensor], like: torch.Tensor) -> Tuple[int, int, int]:
@@ -804,15 +842,21 @@ def _forward(u, delta, A, B, C, D, z, delta_bias, initial_state, softplus, rever
         HAS_H0=initial_state is not None, HAS_ADD=output_add is not None, SOFTPLUS=softplus, REVERSE=reverse,
     )
     per_group = channels // groups
-    sequential_block_e = _sequential_block_e(batch, channels, per_group, config)
-    sequential_programs = batch * (channels // sequential_block_e)
-    if config.sequential_min_rows and batch * channels >= config.sequential_min_rows:
-        _scan_fwd_sequential_kernel[(sequential_programs,)](
-            *inputs, y, last, chunks, channels, length, per_group, channels // sequential_block_e,
-            plan.num_chunks, output_scale, *strides, BLOCK_E=sequential_block_e, PREFETCH=config.sequential_prefetch,
-            UNROLL=min(config.sequential_unroll, plan.block_l), STORE_CHUNKS=store_chunks, num_warps=1,
-            **flags,
-        )
+    enough_rows = bool(config.sequential_min_rows) and batch * channels >= config.sequential_min_rows
+    if enough_rows or config.sequential_split_programs:
+        block_e = _sequential_block_e(batch, channels, per_group, config)
+        programs = batch * (channels // block_e)
+        chunks_per_seg, num_seg = (plan.num_chunks, 1) if enough_rows else _segments(
+            programs, plan.num_chunks, config.sequential_split_programs, config.min_segment_chunks)
+        seg_decay = torch.empty(batch, channels, num_seg if num_seg > 1 else 0, state, **f32)
+        seg_state = torch.empty_like(seg_decay)
+        args = [*inputs, y, last, chunks, seg_decay, seg_state, channels, length, per_group, channels // block_e,
+                plan.num_chunks, chunks_per_seg, num_seg, output_scale, *strides]
+        flags.update(BLOCK_E=block_e, PREFETCH=config.sequential_prefetch,
+                     UNROLL=min(config.sequential_unroll, plan.block_l), num_warps=1)
+        if num_seg > 1:
+            _scan_fwd_sequential_kernel[(programs, num_seg)](*args, SUMMARY=True, STORE_CHUNKS=False, **flags)
+        _scan_fwd_sequential_kernel[(programs, num_seg)](*args, SUMMARY=False, STORE_CHUNKS=store_chunks, **flags)
         return y, last, chunks, plan
     seg_decay = torch.empty(batch, channels, plan.num_seg, state, **f32)
     seg_state = torch.empty_like(seg_decay)
