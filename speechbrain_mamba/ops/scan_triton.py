@@ -32,15 +32,20 @@ over the sequences.
 Many sequences (DPMamba's intra- and inter-chunk scans) are scanned frame by
 frame instead (``_scan_fwd_sequential_kernel``, ``_scan_bwd_sequential_kernel``):
 one program keeps the ``(channels, N)`` state of its channel block in registers
-and reads each frame once; the backward kernel recomputes a chunk's states into
-a per-program scratch slot and walks the adjoint back through them.
+and reads each frame once, a few frames ahead of its arithmetic (the frames'
+memory latency, not arithmetic, bounds these kernels); the backward kernel
+recomputes a chunk's states into a per-program scratch slot and walks the
+adjoint back through them. Few long sequences (SepMamba) take the frame-by-frame
+forward kernel over segments of time, each started from the summaries (end
+state, total decay ``exp(A sum(dt))``) of the segments before it.
 
 Outputs and gradients are written in the layout of their inputs, so the mixer's
 channel-last activations (frames of its projections) stay channel-last.
 
-Speed on an H100 (benchmarks/results/gpu_scan_kernels_2026-11-24.md): forward +
-backward 1.0-8.2 ms on DPMamba's 4-60 s shapes, at 2-10 % of the memory
-bandwidth; the kernels have not been profiled at the instruction level yet.
+Speed on an H100 (benchmarks/results/scan_prefetch_h100_2026-11-24.md,
+scan_split_h100_2026-11-24.md): forward 0.12-0.72 ms on DPMamba-M's 4-60 s
+shapes, up to 1.6 TB/s in fp32; forward + backward 1.0-6.8 ms, at 2-13 % of
+the memory bandwidth (the backward kernels are the slow part).
 """
 
 from dataclasses import dataclass, replace
