@@ -1,7 +1,8 @@
 """Tile sweep of the frame-by-frame forward scan kernel on DPMamba-M's intra/inter shapes (GPU).
 
 Launches ``_scan_fwd_sequential_kernel`` directly with channels per program
-(BLOCK_E), warps per program and frames unrolled per chunk (BLOCK_L), on
+(BLOCK_E), warps per program and frames per chunk (BLOCK_L; the prefetch
+distance and the frames unrolled per step are ``FORWARD_CONFIG``'s), on
 channel-last views as the Mamba mixer passes them, and prints the time
 (``triton.testing.do_bench``, median), registers per thread, spills, and the
 largest difference from the default tile's output. ``--store-chunks`` also
@@ -40,11 +41,14 @@ def launch(args, block_e, warps, block_l, store):
     last = torch.empty(batch, channels, 16, device="cuda")
     chunks = torch.empty(batch, channels, num_chunks if store else 0, 16, device="cuda")
     strides = [*u.stride(), *delta.stride(), *z.stride(), *y.stride(), *y.stride(), *B.stride(), *C.stride()]
-    k = st._scan_fwd_sequential_kernel[(batch * (channels // block_e),)](
-        u, delta, A, B, C, D, z, bias, u, u, y, last, chunks, channels, length, channels, channels // block_e,
-        num_chunks, 1.0, *strides, N=16, BLOCK_N=16, BLOCK_E=block_e, BLOCK_L=block_l, HAS_D=True, HAS_Z=True,
-        HAS_BIAS=True, HAS_H0=False, HAS_ADD=False, SOFTPLUS=True, REVERSE=False, STORE_CHUNKS=store,
-        num_warps=warps)
+    no_segments = torch.empty(0, device="cuda")  # one segment: no summaries
+    config = st.FORWARD_CONFIG
+    k = st._scan_fwd_sequential_kernel[(batch * (channels // block_e), 1)](
+        u, delta, A, B, C, D, z, bias, u, u, y, last, chunks, no_segments, no_segments, channels, length, channels,
+        channels // block_e, num_chunks, num_chunks, 1, 1.0, *strides, N=16, BLOCK_N=16, BLOCK_E=block_e,
+        BLOCK_L=block_l, PREFETCH=config.sequential_prefetch, UNROLL=min(config.sequential_unroll, block_l),
+        HAS_D=True, HAS_Z=True, HAS_BIAS=True, HAS_H0=False, HAS_ADD=False, SOFTPLUS=True, REVERSE=False,
+        SUMMARY=False, STORE_CHUNKS=store, num_warps=warps)
     return y, k
 
 parser = argparse.ArgumentParser(description="Tile sweep of the frame-by-frame forward scan kernel.")

@@ -122,13 +122,16 @@ class ScanConfig:
 
 # Tiles measured best for forward + backward on DPMamba's and SepMamba's shapes (H100, see
 # benchmarks/gpu_scan_kernels.py --sweep): few lanes along time keep the scan's shuffles few.
-# The frame-by-frame forward kernel: 32 channels per program, frames loaded 4 ahead (H100,
-# benchmarks/results/scan_prefetch_h100_2026-11-24.md: 1.2-1.4x faster than without prefetching on
-# DPMamba-M's 16 and 60 s shapes); 16-bit inputs with fewer rows than DPMamba-M's 4 s inter-chunk scan
-# take 16 channels per program, faster there.
+# The frame-by-frame forward kernel (H100, benchmarks/results/scan_prefetch_h100_2026-11-24.md): 32
+# channels per program, frames loaded 4 ahead, 8 unrolled per step: 1.9-2.0x faster than without
+# prefetching on DPMamba-M's 60 s shapes; 16-bit inputs with fewer than 32768 rows (DPMamba-M's 4 s
+# intra-chunk scan has 16896) are faster with 16 channels per program. Few long sequences are split
+# in time until about 2048 programs run (scan_split_h100_2026-11-24.md: 2-8x faster than the chunked
+# kernel on SepMamba-M's stages; no program target wins on every shape).
 FORWARD_CONFIG = ScanConfig(sequential_block_e=32, sequential_wide_min_rows=32768, sequential_split_programs=2048)
 FORWARD_CONFIG_FP32 = replace(FORWARD_CONFIG, sequential_wide_min_rows=0)
-# The backward pass reuses the forward pass's chunks: its block_l is not read.
+# The backward pass reuses the forward pass's chunks: its block_l is not read. Frames 1 ahead: 2 or 4
+# were slower (scan_prefetch_h100_2026-11-24.md).
 BACKWARD_CONFIG = ScanConfig(sequential_prefetch=1)
 
 
