@@ -1,43 +1,46 @@
 """Selective scan as Triton kernels: fused forward and backward, O(L / BLOCK_L) extra memory.
 
-Layout of the work: one program owns ``BLOCK_E`` channels of one sequence and
-walks the sequence in chunks of ``BLOCK_L`` frames. In a chunk it loads ``u,
-delta, z`` as ``(BLOCK_E, BLOCK_L)`` tiles, then, one state ``n`` at a time,
-forms ``dA = exp(dt A_n)`` and ``dt B_n u`` on that tile and scans it along time
-with ``tl.associative_scan`` and the pair combine ``(a1 a2, b1 a2 + b2)``; ``y``
-accumulates ``C_n h_n`` without any reduction, and the state leaving the chunk is
-carried to the next. ``dt = softplus(delta + delta_bias)``, the ``D`` skip, the
-``silu(z)`` gate and the output's scale and added tensor (BiMamba averages its two
-directions this way) are applied in the kernel; ``reverse`` reads the chunks and
-the frames inside them from the end, so no flipped copy is made.
+Two families of kernels, chosen per call from the number of (sequence,
+channel) rows (``ScanConfig``):
 
-Training memory: the forward pass keeps only the state entering each chunk,
-``(batch, E, ceil(L / BLOCK_L), N)`` fp32; the backward pass recomputes the
-states of a chunk from it, then runs the adjoint recurrence
+- Frame by frame (``_scan_fwd_sequential_kernel``, ``_scan_bwd_sequential_kernel``):
+  one program keeps the ``(channels, N)`` state of its channel block in
+  registers and reads each frame once, a few frames ahead of its arithmetic
+  (the frames' memory latency, not arithmetic, bounds these kernels); the
+  backward kernel recomputes a chunk's states into a per-program scratch slot
+  and walks the adjoint back through them. DPMamba's many intra- and
+  inter-chunk sequences take both. SepMamba's few long sequences take the
+  forward kernel over segments of time, each started from the summaries (end
+  state, total decay ``exp(A sum(dt))``) of the segments before it.
+- Chunked (``_scan_fwd_kernel``, ``_scan_bwd_kernel``): one program owns
+  ``BLOCK_E`` channels of one sequence and walks it in chunks of ``BLOCK_L``
+  frames. In a chunk it loads ``u, delta, z`` as ``(BLOCK_E, BLOCK_L)`` tiles,
+  then, one state ``n`` at a time, forms ``dA = exp(dt A_n)`` and ``dt B_n u``
+  and scans them along time with ``tl.associative_scan`` and the pair combine
+  ``(a1 a2, b1 a2 + b2)``. Few long sequences would leave most of the GPU idle
+  with one program per channel block, so time is split into segments: a first
+  launch scans every segment from a zero state and keeps only its total decay
+  and end state; the main launch starts each segment from the state those
+  summaries give; the backward pass does the same for the adjoint. SepMamba's
+  backward pass takes these.
+
+Both fuse ``dt = softplus(delta + delta_bias)``, the ``D`` skip, the
+``silu(z)`` gate and the output's scale and added tensor (BiMamba averages its
+two directions this way); ``reverse`` reads the frames from the end, so no
+flipped copy is made.
+
+Training memory: the forward pass keeps only the state entering each chunk of
+``BLOCK_L`` frames, ``(batch, E, ceil(L / BLOCK_L), N)`` fp32; the backward pass
+recomputes the states of a chunk from it, then runs the adjoint recurrence
 ``g_t = C_t dout_t + dA_{t+1} g_{t+1}`` through the chunk in the opposite
 order. Every term of the gradient that needs ``h_{t-1}`` needs it multiplied by
 ``dA_t``, which is ``h_t - dt_t B_t u_t``: no shifted copy of the states is needed.
 
-Long sequences with few channels (SepMamba's stages) would leave most of the GPU
-idle with one program per channel block, so the time axis is also split into
-segments: a first launch scans every segment from a zero state and keeps only
-its total decay and end state; the main launch starts each segment from the
-state those summaries give. The backward pass does the same for the adjoint.
-
-Gradients of ``B`` and ``C`` sum over channels; each program adds its
-channel-block's share into an fp32 buffer with atomic adds (so their last bits
-vary from run to run). ``A``, ``D`` and ``delta_bias`` are summed likewise
-over the sequences.
-
-Many sequences (DPMamba's intra- and inter-chunk scans) are scanned frame by
-frame instead (``_scan_fwd_sequential_kernel``, ``_scan_bwd_sequential_kernel``):
-one program keeps the ``(channels, N)`` state of its channel block in registers
-and reads each frame once, a few frames ahead of its arithmetic (the frames'
-memory latency, not arithmetic, bounds these kernels); the backward kernel
-recomputes a chunk's states into a per-program scratch slot and walks the
-adjoint back through them. Few long sequences (SepMamba) take the frame-by-frame
-forward kernel over segments of time, each started from the summaries (end
-state, total decay ``exp(A sum(dt))``) of the segments before it.
+Gradients of ``B`` and ``C`` sum over channels: the chunked backward kernel adds
+each channel block's share into an fp32 buffer with atomic adds (so their last
+bits vary from run to run), the frame-by-frame one writes per-block shares that
+are summed afterwards. ``A``, ``D`` and ``delta_bias`` are summed with atomic
+adds over the sequences.
 
 Outputs and gradients are written in the layout of their inputs, so the mixer's
 channel-last activations (frames of its projections) stay channel-last.
