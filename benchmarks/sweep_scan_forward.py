@@ -22,16 +22,19 @@ from speechbrain_mamba.ops import scan_triton as st
 SHAPES = {"intra-4s": (33, 512, 250), "inter-4s": (250, 512, 33), "intra-16s": (129, 512, 250),
           "inter-16s": (250, 512, 129), "intra-60s": (481, 512, 250), "inter-60s": (250, 512, 481)}
 
-def inputs(b, e, l, dtype):
+
+def inputs(batch, channels, length, dtype):
+    """Views of the mixer's projections, as it passes them: u and z halves of one, B and C slices of another."""
     g = torch.Generator(device="cuda").manual_seed(0)
-    xz = torch.randn(b, l, 2 * e, device="cuda", generator=g, dtype=dtype)
-    u = xz[..., :e].transpose(1, 2); z = xz[..., e:].transpose(1, 2)
-    delta = (0.5 * torch.randn(b, l, e, device="cuda", generator=g, dtype=dtype)).transpose(1, 2)
-    proj = torch.randn(b, l, 48, device="cuda", generator=g, dtype=dtype)
-    B = proj[..., 16:32].transpose(1, 2).unsqueeze(1); C = proj[..., 32:].transpose(1, 2).unsqueeze(1)
-    A = -torch.rand(e, 16, device="cuda") - 0.5
-    D = torch.randn(e, device="cuda"); bias = torch.randn(e, device="cuda") * 0.1
+    xz = torch.randn(batch, length, 2 * channels, device="cuda", generator=g, dtype=dtype)
+    u, z = xz[..., :channels].transpose(1, 2), xz[..., channels:].transpose(1, 2)
+    delta = (0.5 * torch.randn(batch, length, channels, device="cuda", generator=g, dtype=dtype)).transpose(1, 2)
+    proj = torch.randn(batch, length, 48, device="cuda", generator=g, dtype=dtype)
+    B, C = proj[..., 16:32].transpose(1, 2).unsqueeze(1), proj[..., 32:].transpose(1, 2).unsqueeze(1)
+    A = -torch.rand(channels, 16, device="cuda") - 0.5
+    D, bias = torch.randn(channels, device="cuda"), torch.randn(channels, device="cuda") * 0.1
     return u, delta, A, B, C, D, z, bias
+
 
 def launch(args, block_e, warps, block_l, store):
     u, delta, A, B, C, D, z, bias = args
@@ -51,6 +54,7 @@ def launch(args, block_e, warps, block_l, store):
         SUMMARY=False, STORE_CHUNKS=store, num_warps=warps)
     return y, k
 
+
 parser = argparse.ArgumentParser(description="Tile sweep of the frame-by-frame forward scan kernel.")
 parser.add_argument("--store-chunks", action="store_true", help="store the chunk-entering states (training)")
 store = parser.parse_args().store_chunks
@@ -65,5 +69,5 @@ for dtype in (torch.float32, torch.bfloat16):
             compile_s = time.time() - t0
             err = (y.float() - ref.float()).abs().max().item()
             ms = triton.testing.do_bench(lambda: launch(args, block_e, warps, block_l, store), warmup=5, rep=50)
-            print(f"{name} {str(dtype)[6:]} e{block_e} w{warps} l{block_l}: {ms:.3f} ms regs={k.n_regs} spills={k.n_spills} "
-                  f"maxdiff={err:.1e} (compile+first {compile_s:.0f} s)", flush=True)
+            print(f"{name} {str(dtype)[6:]} e{block_e} w{warps} l{block_l}: {ms:.3f} ms regs={k.n_regs} "
+                  f"spills={k.n_spills} maxdiff={err:.1e} (compile+first {compile_s:.0f} s)", flush=True)
