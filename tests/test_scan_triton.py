@@ -26,13 +26,14 @@ def kernels():
 
 def scan(kernels, backend, inputs, reverse, softplus=True, segments=False, sequential=False,
          sequential_backward=None, y_loss=True, state_loss=True, output_scale=1.0, prefetch=4, unroll=8,
-         split=False):
+         split=False, segment_chunks=1):
     """Output, last state and the gradients of a weighted loss for one backend.
 
     ``sequential``: the frame-by-frame kernels run the forward pass and, unless
     ``sequential_backward`` says otherwise, the backward pass, loading frames
     ``prefetch`` ahead and unrolling ``unroll`` of them. ``split``: the
-    frame-by-frame forward kernel over segments of time, the chunked backward.
+    frame-by-frame forward kernel over segments of ``segment_chunks`` chunks,
+    the chunked backward.
     ``inputs`` may hold an ``output_add``."""
     B, C = inputs["B"], inputs["C"]
     B, C = (B if B.dim() == 4 else B.unsqueeze(1)), (C if C.dim() == 4 else C.unsqueeze(1))
@@ -41,7 +42,7 @@ def scan(kernels, backend, inputs, reverse, softplus=True, segments=False, seque
     if backend == "triton":
         def config(frame_by_frame):
             return kernels.ScanConfig(block_e=2, block_l=8, num_warps=1, min_programs=10**6 if segments else 0,
-                                      min_segment_chunks=1, sequential_min_rows=int(frame_by_frame),
+                                      min_segment_chunks=segment_chunks, sequential_min_rows=int(frame_by_frame),
                                       sequential_block_e=2, sequential_prefetch=prefetch, sequential_unroll=unroll,
                                       sequential_split_programs=10**6 if split else 0)
 
@@ -63,7 +64,7 @@ def scan(kernels, backend, inputs, reverse, softplus=True, segments=False, seque
 
 
 def check_against_reference(kernels, inputs, reverse, dtype=torch.float32, **options):
-    kernel_options = ("segments", "sequential", "sequential_backward", "prefetch", "unroll", "split")
+    kernel_options = ("segments", "sequential", "sequential_backward", "prefetch", "unroll", "split", "segment_chunks")
     y_ref, last_ref, grads_ref = scan(kernels, "reference", inputs, reverse, **{
         k: v for k, v in options.items() if k not in kernel_options})
     y, last, grads = scan(kernels, "triton", inputs, reverse, **options)
@@ -97,7 +98,7 @@ def test_triton_matches_reference(kernels, case, forward_kernel):
     """``sequential``: the frame-by-frame kernels, forward and backward."""
     batch, channels, state, length, groups, with_D, with_z, with_bias, with_initial, reverse, segments = case
     if segments and forward_kernel == "sequential":
-        pytest.skip("the frame-by-frame kernels do not split time")
+        pytest.skip("test_frame_by_frame_forward_over_segments_of_time splits the frame-by-frame forward kernel")
     inputs = make_inputs(batch, channels, state, length, groups, with_D=with_D, with_z=with_z,
                          with_bias=with_bias, with_initial=with_initial)
     check_against_reference(kernels, inputs, reverse, segments=segments, sequential=forward_kernel == "sequential")
@@ -131,6 +132,39 @@ def test_frame_by_frame_forward_over_segments_of_time(kernels, case):
     inputs = make_inputs(batch, channels, state, length, groups, with_D=with_D, with_z=with_z,
                          with_bias=with_bias, with_initial=with_initial)
     check_against_reference(kernels, inputs, reverse, split=True)
+
+
+@pytest.mark.parametrize("reverse", [False, True])
+def test_segments_of_several_chunks_with_an_added_output(kernels, reverse):
+    """Segments of 2 chunks (chunk states stored inside a segment), a length that is no multiple of the
+    chunk, BiMamba's scale and added tensor, other prefetch/unroll settings; and without autograd (no
+    chunk states stored) the same output."""
+    inputs = make_inputs(2, 4, 4, 45, 2, with_initial=True)
+    inputs["output_add"] = torch.randn(2, 4, 45).requires_grad_()
+    options = dict(split=True, segment_chunks=2, output_scale=0.5, prefetch=3, unroll=2)
+    check_against_reference(kernels, inputs, reverse, **options)
+    args = (inputs["u"], inputs["delta"], inputs["A"], inputs["B"], inputs["C"], inputs["D"], inputs["z"],
+            inputs["delta_bias"], True, inputs["initial_state"], reverse, 0.5, inputs["output_add"])
+    config = kernels.ScanConfig(block_l=8, min_segment_chunks=2, sequential_min_rows=0, sequential_block_e=2,
+                                sequential_split_programs=10**6)
+    with torch.no_grad():
+        y_ref, _ = selective_scan_reference(*args)
+        y, _ = kernels.selective_scan_triton(*args, forward_config=config)
+    assert_close(y, y_ref, torch.float32, "output without autograd")
+
+
+def test_kernel_choice_and_config_checks(kernels):
+    """Host-side choices: segments for few programs, half the channels per program below the row threshold;
+    tile sizes that would skip frames are refused."""
+    assert kernels._segments(programs=8, num_chunks=500, min_programs=2048, min_segment_chunks=4) == (4, 125)
+    assert kernels._segments(programs=4096, num_chunks=500, min_programs=2048, min_segment_chunks=4) == (500, 1)
+    config = kernels.ScanConfig(sequential_block_e=32, sequential_wide_min_rows=32768)
+    assert kernels._sequential_block_e(33, 512, 512, config) == 16  # DPMamba-M's 4 s intra-chunk scan
+    assert kernels._sequential_block_e(250, 512, 512, config) == 32
+    assert kernels._sequential_block_e(250, 512, 8, config) == 8  # a B/C group of 8 channels
+    for bad in (dict(sequential_unroll=3), dict(block_l=24), dict(sequential_prefetch=0)):
+        with pytest.raises(ValueError, match="ScanConfig"):
+            kernels.ScanConfig(**bad)
 
 
 @pytest.mark.parametrize("reverse", [False, True])

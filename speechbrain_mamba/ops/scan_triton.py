@@ -87,7 +87,8 @@ class ScanConfig:
         Walk time frame by frame (``_scan_fwd_sequential_kernel``,
         ``_scan_bwd_sequential_kernel``) when there are at least this many
         (sequence, channel) rows, enough programs to keep the GPU busy
-        without splitting time; 0 never does.
+        without splitting time; 0: never without splitting (see
+        ``sequential_split_programs``).
     sequential_block_e : int
         Channels per program of the frame-by-frame kernels.
     sequential_wide_min_rows : int
@@ -95,18 +96,19 @@ class ScanConfig:
         half of ``sequential_block_e`` channels: twice the programs to hide
         the memory latency of the frames.
     sequential_split_programs : int
-        Below ``sequential_min_rows``, the frame-by-frame forward kernel still
-        runs, with time split into segments until about this many programs
-        run (the backward pass takes the chunked kernel there); 0: the chunked
-        kernels run instead.
+        Below ``sequential_min_rows`` (or when it is 0), the frame-by-frame
+        forward kernel still runs, with time split into segments until about
+        this many programs run (the backward pass takes the chunked kernel
+        there); 0: the chunked kernels run instead.
     sequential_num_warps : int
         Warps per program of the frame-by-frame backward kernel (the forward one uses 1).
     sequential_prefetch : int
         How many frames ahead of their arithmetic the frame-by-frame kernels
-        load a frame (at least 1; the backward kernel within a chunk).
+        load a frame (at least 1; in the backward kernel the queue of loaded
+        frames restarts in each chunk).
     sequential_unroll : int
         Frames unrolled per loop step of the frame-by-frame forward kernel (a
-        power of two; at most ``block_l``).
+        power of two; a chunk's frames when larger than a chunk).
     """
 
     block_e: int = 16
@@ -122,9 +124,20 @@ class ScanConfig:
     sequential_prefetch: int = 4
     sequential_unroll: int = 8
 
+    def __post_init__(self):
+        powers_of_two = ("block_e", "block_l", "sequential_block_e", "sequential_unroll")
+        for name in powers_of_two:
+            value = getattr(self, name)
+            if value < 1 or value & (value - 1):
+                raise ValueError(f"ScanConfig.{name} must be a power of two; got {value}.")
+        if self.sequential_prefetch < 1:
+            raise ValueError(f"ScanConfig.sequential_prefetch must be at least 1; got {self.sequential_prefetch}.")
 
-# Tiles measured best for forward + backward on DPMamba's and SepMamba's shapes (H100, see
-# benchmarks/gpu_scan_kernels.py --sweep): few lanes along time keep the scan's shuffles few.
+
+# The chunked kernels' tiles (block_e, block_l, num_warps): measured best for forward + backward on
+# DPMamba's and SepMamba's shapes (H100, see benchmarks/gpu_scan_kernels.py --sweep): few lanes along
+# time keep the scan's shuffles few.
+#
 # The frame-by-frame forward kernel (H100, benchmarks/results/scan_prefetch_h100_2026-11-24.md): 32
 # channels per program, frames loaded 4 ahead, 8 unrolled per step: 1.9-2.0x faster than without
 # prefetching on DPMamba-M's 60 s shapes; 16-bit inputs with fewer than 32768 rows (DPMamba-M's 4 s
@@ -690,10 +703,10 @@ def _scan_bwd_sequential_kernel(
                     mask=en_mask, other=0.0)
         # States of the chunk, in scan order, into the scratch slot. The frame loops are not
         # unrolled (unrolled, the kernel takes minutes to compile); as in the forward kernel,
-        # frames are loaded PREFETCH frames ahead, here within the chunk.
+        # frames are loaded PREFETCH frames ahead; the queue restarts in each chunk.
         ahead = ()
-        for j in tl.static_range(PREFETCH):
-            ahead = ahead + (_load_recompute_frame(_frame_time(k * BLOCK_L + j, L, REVERSE), L, u_row, d_row, B_seq,
+        for p in tl.static_range(PREFETCH):
+            ahead = ahead + (_load_recompute_frame(_frame_time(k * BLOCK_L + p, L, REVERSE), L, u_row, d_row, B_seq,
                                                    su_l, sd_l, sB_l, n_mask),)
         for i in range(0, BLOCK_L):
             t = _frame_time(k * BLOCK_L + i, L, REVERSE)
@@ -708,8 +721,8 @@ def _scan_bwd_sequential_kernel(
         # The scratch slot is written and read by the same threads (same layout), but make it explicit.
         tl.debug_barrier()
         ahead = ()
-        for j in tl.static_range(PREFETCH):
-            ahead = ahead + (_load_adjoint_frame(BLOCK_L - 1 - j, k, L, u_row, d_row, dy_row, z_row, B_seq, C_seq,
+        for p in tl.static_range(PREFETCH):
+            ahead = ahead + (_load_adjoint_frame(BLOCK_L - 1 - p, k, L, u_row, d_row, dy_row, z_row, B_seq, C_seq,
                                                  scratch, su_l, sd_l, sy_l, sz_l, sB_l, sC_l, n_mask, BLOCK_E,
                                                  BLOCK_N, BLOCK_L, HAS_Z, REVERSE),)
         for r in range(0, BLOCK_L):
