@@ -190,6 +190,22 @@ def _set_state_column(states, offs_n, n, column):
 
 
 @triton.jit
+def _segment_start_state(h0_ptr, seg_decay_ptr, seg_state_ptr, state_offs, pid_b, offs_e, offs_n, en_mask, E, N, seg,
+                         num_seg, HAS_H0: tl.constexpr, SUMMARY: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_N: tl.constexpr):
+    """State entering segment `seg`: zero for a summary pass, otherwise the initial state carried through the
+    (decay, end state) summaries of the earlier segments in scan order."""
+    state = tl.zeros([BLOCK_E, BLOCK_N], tl.float32)
+    if not SUMMARY:
+        if HAS_H0:
+            state = tl.load(h0_ptr + state_offs, mask=en_mask, other=0.0).to(tl.float32)
+        for j in range(0, seg):
+            seg_offs = ((pid_b * E + offs_e[:, None]) * num_seg + j) * N + offs_n[None, :]
+            state = tl.load(seg_decay_ptr + seg_offs, mask=en_mask, other=1.0) * state + tl.load(
+                seg_state_ptr + seg_offs, mask=en_mask, other=0.0)
+    return state
+
+
+@triton.jit
 def _scan_fwd_kernel(
     u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, h0_ptr, add_ptr,
     y_ptr, last_ptr, chunk_ptr, seg_decay_ptr, seg_state_ptr,
@@ -236,17 +252,9 @@ def _scan_fwd_kernel(
     state_offs = (pid_b * E + offs_e[:, None]) * N + offs_n[None, :]
 
     # States are carried between chunks as a (BLOCK_E, BLOCK_N) tile.
-    state = tl.zeros([BLOCK_E, BLOCK_N], tl.float32)
+    state = _segment_start_state(h0_ptr, seg_decay_ptr, seg_state_ptr, state_offs, pid_b, offs_e, offs_n, en_mask, E,
+                                 N, seg, num_seg, HAS_H0, SUMMARY, BLOCK_E, BLOCK_N)
     decay = tl.full([BLOCK_E, BLOCK_N], 1.0, tl.float32)
-    if not SUMMARY:
-        if HAS_H0:
-            state = tl.load(h0_ptr + state_offs, mask=en_mask, other=0.0).to(tl.float32)
-        # Summaries of the earlier segments, in scan order.
-        for j in range(0, seg):
-            seg_offs = ((pid_b * E + offs_e[:, None]) * num_seg + j) * N + offs_n[None, :]
-            state = tl.load(seg_decay_ptr + seg_offs, mask=en_mask, other=1.0) * state + tl.load(
-                seg_state_ptr + seg_offs, mask=en_mask, other=0.0
-            )
 
     k_begin = seg * chunks_per_seg
     k_end = tl.minimum(k_begin + chunks_per_seg, num_chunks)
@@ -310,21 +318,25 @@ def _frame_time(j, L, REVERSE: tl.constexpr):
 
 
 @triton.jit
-def _load_frame(t, L, u_row, d_row, z_row, add_row, B_seq, C_seq, su_l, sd_l, sz_l, sa_l, sB_l, sC_l, n_mask,
-                HAS_Z: tl.constexpr, HAS_ADD: tl.constexpr):
-    """Frame ``t``'s inputs of a channel block, in fp32 (zeros outside ``[0, L)``)."""
-    valid = (t >= 0) & (t < L)
+def _load_frame(t, L, u_row, d_row, z_row, extra_row, B_seq, C_seq, su_l, sd_l, sz_l, sx_l, sB_l, sC_l, n_mask,
+                in_slot, LOAD_C: tl.constexpr, HAS_Z: tl.constexpr, HAS_EXTRA: tl.constexpr):
+    """Frame ``t``'s inputs of a channel block, in fp32: ``u, delta, B, C, z`` and one more per-channel
+    input (the forward's added tensor, the backward's ``dy``); zeros outside ``[0, L)`` and where
+    ``in_slot`` is false. Inputs not asked for are ``u`` as a placeholder."""
+    valid = (t >= 0) & (t < L) & in_slot
     u = tl.load(u_row + t * su_l, mask=valid, other=0.0).to(tl.float32)
     delta = tl.load(d_row + t * sd_l, mask=valid, other=0.0).to(tl.float32)
     B_t = tl.load(B_seq + t * sB_l, mask=n_mask & valid, other=0.0).to(tl.float32)
-    C_t = tl.load(C_seq + t * sC_l, mask=n_mask & valid, other=0.0).to(tl.float32)
+    C_t = u
+    if LOAD_C:
+        C_t = tl.load(C_seq + t * sC_l, mask=n_mask & valid, other=0.0).to(tl.float32)
     z = u
     if HAS_Z:
         z = tl.load(z_row + t * sz_l, mask=valid, other=0.0).to(tl.float32)
-    add = u
-    if HAS_ADD:
-        add = tl.load(add_row + t * sa_l, mask=valid, other=0.0).to(tl.float32)
-    return u, delta, B_t, C_t, z, add
+    extra = u
+    if HAS_EXTRA:
+        extra = tl.load(extra_row + t * sx_l, mask=valid, other=0.0).to(tl.float32)
+    return u, delta, B_t, C_t, z, extra
 
 
 @triton.jit
@@ -383,17 +395,11 @@ def _scan_fwd_sequential_kernel(
     C_seq = C_ptr + pid_b * sC_b + group * sC_g + offs_n * sC_n
     state_offs = (pid_b * E + offs_e[:, None]) * N + offs_n[None, :]
 
-    state = tl.zeros([BLOCK_E, BLOCK_N], tl.float32)
-    if not SUMMARY:
-        if HAS_H0:
-            state = tl.load(h0_ptr + state_offs, mask=en_mask, other=0.0).to(tl.float32)
-        # Summaries of the earlier segments, in scan order.
-        for j in range(0, seg):
-            seg_offs = ((pid_b * E + offs_e[:, None]) * num_seg + j) * N + offs_n[None, :]
-            state = tl.load(seg_decay_ptr + seg_offs, mask=en_mask, other=1.0) * state + tl.load(
-                seg_state_ptr + seg_offs, mask=en_mask, other=0.0)
+    state = _segment_start_state(h0_ptr, seg_decay_ptr, seg_state_ptr, state_offs, pid_b, offs_e, offs_n, en_mask, E,
+                                 N, seg, num_seg, HAS_H0, SUMMARY, BLOCK_E, BLOCK_N)
     dt_sum = tl.zeros([BLOCK_E, 1], tl.float32)
-    # A summary needs no output: its loads of z and the added tensor are left out.
+    # A summary needs no output: its loads of C, z and the added tensor are left out.
+    LOAD_OUTPUT_INPUTS: tl.constexpr = not SUMMARY
     LOAD_Z: tl.constexpr = HAS_Z and not SUMMARY
     LOAD_ADD: tl.constexpr = HAS_ADD and not SUMMARY
     k_begin = seg * chunks_per_seg
@@ -402,7 +408,8 @@ def _scan_fwd_sequential_kernel(
     ahead = ()
     for j in tl.static_range(PREFETCH):
         ahead = ahead + (_load_frame(_frame_time(k_begin * BLOCK_L + j, L, REVERSE), L, u_row, d_row, z_row, add_row,
-                                     B_seq, C_seq, su_l, sd_l, sz_l, sa_l, sB_l, sC_l, n_mask, LOAD_Z, LOAD_ADD),)
+                                     B_seq, C_seq, su_l, sd_l, sz_l, sa_l, sB_l, sC_l, n_mask, True,
+                                     LOAD_OUTPUT_INPUTS, LOAD_Z, LOAD_ADD),)
     for k in range(k_begin, k_end):
         if STORE_CHUNKS:
             tl.store(chunk_ptr + ((pid_b * E + offs_e[:, None]) * num_chunks + k) * N + offs_n[None, :],
@@ -415,7 +422,7 @@ def _scan_fwd_sequential_kernel(
                 u, delta, B_t, C_t, z, add = ahead[0]
                 ahead = ahead[1:] + (_load_frame(_frame_time(frame + PREFETCH, L, REVERSE), L, u_row, d_row, z_row,
                                                  add_row, B_seq, C_seq, su_l, sd_l, sz_l, sa_l, sB_l, sC_l, n_mask,
-                                                 LOAD_Z, LOAD_ADD),)
+                                                 True, LOAD_OUTPUT_INPUTS, LOAD_Z, LOAD_ADD),)
                 dt, _ = _dt(delta[:, None], bias, HAS_BIAS, SOFTPLUS)
                 dt = tl.where(valid, dt, 0.0)  # padding frames: dA = 1, no input
                 state = tl.exp2(dt * A2) * state + (dt * u[:, None]) * B_t[None, :]
@@ -605,31 +612,14 @@ def _scan_bwd_kernel(
 
 
 @triton.jit
-def _load_recompute_frame(t, L, u_row, d_row, B_seq, su_l, sd_l, sB_l, n_mask):
-    """Frame ``t``'s inputs of the backward kernel's state recomputation."""
-    valid = (t >= 0) & (t < L)
-    u = tl.load(u_row + t * su_l, mask=valid, other=0.0).to(tl.float32)
-    delta = tl.load(d_row + t * sd_l, mask=valid, other=0.0).to(tl.float32)
-    B_t = tl.load(B_seq + t * sB_l, mask=n_mask & valid, other=0.0).to(tl.float32)
-    return u, delta, B_t
-
-
-@triton.jit
 def _load_adjoint_frame(i, k, L, u_row, d_row, dy_row, z_row, B_seq, C_seq, scratch, su_l, sd_l, sy_l, sz_l, sB_l,
                         sC_l, n_mask, BLOCK_E: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_L: tl.constexpr,
                         HAS_Z: tl.constexpr, REVERSE: tl.constexpr):
     """Inputs of frame ``i`` of chunk ``k`` for the adjoint walk, its recomputed state included
     (nothing before the chunk's first frame: the scratch slot holds this chunk only)."""
     t = _frame_time(k * BLOCK_L + i, L, REVERSE)
-    valid = (t >= 0) & (t < L) & (i >= 0)
-    u = tl.load(u_row + t * su_l, mask=valid, other=0.0).to(tl.float32)
-    delta = tl.load(d_row + t * sd_l, mask=valid, other=0.0).to(tl.float32)
-    dy = tl.load(dy_row + t * sy_l, mask=valid, other=0.0).to(tl.float32)
-    B_t = tl.load(B_seq + t * sB_l, mask=n_mask & valid, other=0.0).to(tl.float32)
-    C_t = tl.load(C_seq + t * sC_l, mask=n_mask & valid, other=0.0).to(tl.float32)
-    z = u
-    if HAS_Z:
-        z = tl.load(z_row + t * sz_l, mask=valid, other=0.0).to(tl.float32)
+    u, delta, B_t, C_t, z, dy = _load_frame(t, L, u_row, d_row, z_row, dy_row, B_seq, C_seq, su_l, sd_l, sz_l, sy_l,
+                                            sB_l, sC_l, n_mask, i >= 0, True, HAS_Z, True)
     h = tl.load(scratch + i * (BLOCK_E * BLOCK_N), mask=i >= 0, other=0.0)
     return u, delta, dy, B_t, C_t, z, h
 
@@ -704,16 +694,19 @@ def _scan_bwd_sequential_kernel(
         # States of the chunk, in scan order, into the scratch slot. The frame loops are not
         # unrolled (unrolled, the kernel takes minutes to compile); as in the forward kernel,
         # frames are loaded PREFETCH frames ahead; the queue restarts in each chunk.
+        # Only u, delta and B are needed: the frames ahead carry those three.
         ahead = ()
         for p in tl.static_range(PREFETCH):
-            ahead = ahead + (_load_recompute_frame(_frame_time(k * BLOCK_L + p, L, REVERSE), L, u_row, d_row, B_seq,
-                                                   su_l, sd_l, sB_l, n_mask),)
+            ahead = ahead + (_load_frame(_frame_time(k * BLOCK_L + p, L, REVERSE), L, u_row, d_row, z_row, dy_row,
+                                         B_seq, C_seq, su_l, sd_l, sz_l, sy_l, sB_l, sC_l, n_mask, True,
+                                         False, False, False)[:3],)
         for i in range(0, BLOCK_L):
             t = _frame_time(k * BLOCK_L + i, L, REVERSE)
             valid = (t >= 0) & (t < L)
             u, delta, B_t = ahead[0]
-            ahead = ahead[1:] + (_load_recompute_frame(_frame_time(k * BLOCK_L + i + PREFETCH, L, REVERSE), L, u_row,
-                                                       d_row, B_seq, su_l, sd_l, sB_l, n_mask),)
+            ahead = ahead[1:] + (_load_frame(_frame_time(k * BLOCK_L + i + PREFETCH, L, REVERSE), L, u_row, d_row,
+                                             z_row, dy_row, B_seq, C_seq, su_l, sd_l, sz_l, sy_l, sB_l, sC_l, n_mask,
+                                             True, False, False, False)[:3],)
             dt, _ = _dt(delta[:, None], bias, HAS_BIAS, SOFTPLUS)
             dt = tl.where(valid, dt, 0.0)
             h = tl.exp2(dt * A2) * h + (dt * u[:, None]) * B_t[None, :]
