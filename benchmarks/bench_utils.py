@@ -75,6 +75,12 @@ def load_model(
     return modules, int(hparams["num_spks"]), hparams
 
 
+def parse_model(spec: str) -> Tuple[str, str]:
+    """``dpmamba_m`` or a variant ``dpmamba_m:checkpoint_blocks=true`` -> (hparams stem, YAML overrides)."""
+    stem, *settings = spec.split(":")
+    return stem, "\n".join(setting.replace("=", ": ", 1) for setting in settings)
+
+
 def count_parameters(modules: torch.nn.Module) -> int:
     """Number of trainable parameters."""
     return sum(p.numel() for p in modules.parameters() if p.requires_grad)
@@ -118,22 +124,28 @@ def training_step(
     sources: torch.Tensor,
     dtype: str,
     optimizer: torch.optim.Optimizer,
+    forward: Optional[Callable[[torch.Tensor], torch.Tensor]] = None,
 ) -> Callable[[], None]:
     """Forward + PIT negative SI-SNR (SpeechBrain's) + backward + optimizer step.
 
+    ``forward`` (default: ``separate_mixture`` of ``modules``) maps the
+    mixture to the estimates, e.g. a
+    :class:`~speechbrain_mamba.utils.cuda_graphs.TrainingCUDAGraphs`.
     Gradients are released (``set_to_none``) at the end of the step, so they
     count in its peak memory; the optimizer state, created by the first
     (warm-up) step, does not.
     """
     from speechbrain.nnet.losses import get_si_snr_with_pitwrapper
 
-    from speechbrain_mamba.separation.separator import separate_mixture
+    from speechbrain_mamba.separation.separator import SeparationForward
 
     modules.train()
+    if forward is None:
+        forward = SeparationForward(modules, num_spks)
 
     def step() -> None:
         with autocast(mixture.device, dtype):
-            estimates = separate_mixture(modules, mixture, num_spks).float()
+            estimates = forward(mixture).float()
         loss = get_si_snr_with_pitwrapper(sources, estimates).mean()
         loss.backward()
         optimizer.step()

@@ -62,6 +62,7 @@ from bench_utils import (
     load_model,
     machine_description,
     median,
+    parse_model,
     random_batch,
     scan_backend,
     tf32_flags,
@@ -155,12 +156,6 @@ def count_gmac(modules: torch.nn.ModuleDict, num_spks: int, mixture: torch.Tenso
 
 
 # ----------------------------------------------------------------------------- plan
-def parse_model(spec: str) -> Tuple[str, str]:
-    """``dpmamba_m`` or a variant ``dpmamba_m:checkpoint_blocks=true`` -> (hparams stem, YAML overrides)."""
-    stem, *settings = spec.split(":")
-    return stem, "\n".join(setting.replace("=", ": ", 1) for setting in settings)
-
-
 @dataclasses.dataclass(frozen=True)
 class Point:
     """One measurement: ``kind`` is "infer", "train" or "gmac"."""

@@ -175,3 +175,94 @@ def test_single_group_norm_on_gpu_matches_group_norm():
     fast = SingleGroupNorm(64, eps=1e-8).cuda()
     x = torch.randn(1, 64, 250, 130, device="cuda") * 2 + 0.5
     torch.testing.assert_close(fast(x), reference(x), rtol=1e-4, atol=1e-4)
+
+
+@pytest.fixture
+def no_tf32():
+    """Exact fp32 matmuls and convolutions: eager and graphed runs may pick different TF32 algorithms."""
+    saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    yield
+    torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
+
+
+def _loss_and_gradients(forward, modules, mixture, sources, autocast_dtype):
+    """PIT loss of one forward and the gradients of every parameter (released from the modules)."""
+    from speechbrain.nnet.losses import get_si_snr_with_pitwrapper
+
+    with torch.autocast("cuda", dtype=autocast_dtype or torch.float32, enabled=autocast_dtype is not None):
+        estimates = forward(mixture).float()
+    loss = get_si_snr_with_pitwrapper(sources, estimates).mean()
+    loss.backward()
+    grads = [p.grad.clone() for p in modules.parameters()]
+    modules.zero_grad(set_to_none=True)
+    return loss.item(), grads
+
+
+@pytest.mark.parametrize("model,autocast_dtype", [("dpmamba_xs", None), ("dpmamba_xs", torch.bfloat16),
+                                                  ("sepmamba_s", None), ("sepmamba_s", torch.bfloat16)])
+def test_training_cuda_graphs_give_the_eager_gradients(no_tf32, model, autocast_dtype):
+    from speechbrain_mamba.separation.separator import SeparationForward
+    from speechbrain_mamba.utils.cuda_graphs import TrainingCUDAGraphs
+    from conftest import load_model_hparams
+
+    modules = torch.nn.ModuleDict(load_model_hparams(model)["modules"]).cuda().train()
+    eager = SeparationForward(modules, 2)
+    graphed = TrainingCUDAGraphs(eager, max_graphs=1, min_calls=2)
+    optimizer = torch.optim.SGD(modules.parameters(), lr=1e-3)
+    generator = torch.Generator(device="cuda").manual_seed(0)
+    # The first call of a shape runs eagerly, the second captures, later ones replay with new data and the
+    # parameters the optimizer updated in place; a second shape runs eagerly (max_graphs=1). Eager SepMamba
+    # is not bitwise reproducible itself (two eager backward passes differ by up to ~2e-3 of a parameter's
+    # largest gradient on an H100), hence tolerances on relative L2 errors.
+    tolerance = 1e-3 if autocast_dtype is None else 2e-2
+    for step, shape in enumerate([(2, 4000)] * 4 + [(1, 3000)]):
+        mixture = torch.randn(*shape, device="cuda", generator=generator)
+        sources = torch.randn(*shape, 2, device="cuda", generator=generator)
+        expected_loss, expected_grads = _loss_and_gradients(eager, modules, mixture, sources, autocast_dtype)
+        loss, grads = _loss_and_gradients(graphed, modules, mixture, sources, autocast_dtype)
+        assert loss == pytest.approx(expected_loss, rel=tolerance), f"step {step}"
+        flat_got, flat_want = torch.cat([g.flatten() for g in grads]), torch.cat([g.flatten() for g in expected_grads])
+        assert (flat_got - flat_want).norm() <= tolerance * flat_want.norm(), f"step {step}"
+        # Per parameter, those whose gradient is not ~0 (SI-SNR's offset invariance zeroes the output bias's).
+        largest = max(g.norm() for g in expected_grads)
+        for name, got, want in zip(dict(modules.named_parameters()), grads, expected_grads):
+            if want.norm() > 1e-3 * largest:
+                assert (got - want).norm() <= 10 * tolerance * want.norm(), f"step {step}, {name}"
+        for parameter, grad in zip(modules.parameters(), grads):
+            parameter.grad = grad
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        assert len(graphed) == (0 if step == 0 else 1)
+
+
+def test_training_cuda_graphs_refuse_a_module_that_cannot_be_captured():
+    from speechbrain_mamba.separation.separator import SeparationForward
+    from speechbrain_mamba.utils.cuda_graphs import TrainingCUDAGraphs
+    from conftest import load_model_hparams
+
+    # SpeechBrain's stock Dual_Path_Model copies a CPU tensor in its padding: not capturable.
+    modules = torch.nn.ModuleDict(load_model_hparams("dprnn")["modules"]).cuda().train()
+    graphed = TrainingCUDAGraphs(SeparationForward(modules, 2), min_calls=1, warmup=1)
+    with pytest.raises(RuntimeError, match="Capturing the training step in a CUDA graph failed"):
+        graphed(torch.randn(1, 4000, device="cuda"))
+
+
+def test_brain_with_cuda_graphs_matches_eager_brain(no_tf32):
+    import copy
+
+    from speechbrain.dataio.batch import PaddedBatch
+
+    from speechbrain_mamba.lobes import SepMamba
+    from test_training import make_brain, make_items, parameters
+
+    model = SepMamba(dim=16, num_layers=1)
+    sgd = lambda params: torch.optim.SGD(params, lr=1e-3)  # noqa: E731 (linear in the gradients: no amplification)
+    graphed = make_brain(model, device="cuda", optimizer=sgd, cuda_graphs=True)
+    eager = make_brain(copy.deepcopy(model), device="cuda", optimizer=sgd)
+    for seed in range(4):
+        batch = PaddedBatch(make_items(2, length=2000, seed=seed))
+        torch.testing.assert_close(graphed.fit_batch(batch), eager.fit_batch(batch), rtol=1e-4, atol=1e-4)
+    assert len(graphed.training_graphs) == 1
+    for got, want in zip(parameters(graphed), parameters(eager)):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)

@@ -28,6 +28,7 @@ from speechbrain.dataio.batch import PaddedBatch
 
 from speechbrain_mamba.separation.brain import Separation
 from speechbrain_mamba.separation.schedulers import WarmupCosineScheduler
+from speechbrain_mamba.utils.cuda_graphs import TrainingCUDAGraphs
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 TRAIN_PY = REPO_ROOT / "recipes" / "WSJ0Mix" / "separation" / "train.py"
@@ -144,11 +145,11 @@ class FakeSeparator(torch.nn.Module):
         return estimates * poison
 
 
-def make_brain(model: torch.nn.Module, loss_threshold: Optional[float] = -40.0) -> Separation:
+def make_brain(model: torch.nn.Module, loss_threshold: Optional[float] = -40.0, device: str = "cpu",
+               optimizer=lambda params: torch.optim.Adam(params, lr=1e-2), **hparams) -> Separation:
     hparams = {"num_spks": 2, "loss_threshold": loss_threshold,
-               "lr_step_scheduler": WarmupCosineScheduler(1e-2, warmup_steps=0, total_steps=100)}
-    brain = Separation({"model": model}, lambda params: torch.optim.Adam(params, lr=1e-2), hparams,
-                       run_opts={"device": "cpu", "noprogressbar": True})
+               "lr_step_scheduler": WarmupCosineScheduler(1e-2, warmup_steps=0, total_steps=100), **hparams}
+    brain = Separation({"model": model}, optimizer, hparams, run_opts={"device": device, "noprogressbar": True})
     brain.on_fit_start()  # optimizer (no checkpointer)
     brain.on_stage_start(sb.Stage.TRAIN, epoch=1)
     brain.modules.train()
@@ -300,6 +301,17 @@ def test_fit_batch_solved_items_leave_the_mean():
     unthresholded.fit_batch(PaddedBatch(items))
     assert unthresholded.solved_items == 0
     assert any(not torch.equal(a, b) for a, b in zip(parameters(unthresholded), parameters(reference)))
+
+
+def test_cuda_graphs_need_a_cuda_device_and_leave_cpu_training_unchanged():
+    with pytest.raises(ValueError, match="cuda_graphs: True needs a CUDA device"):
+        make_brain(FakeSeparator(), cuda_graphs=True)
+    graphed = TrainingCUDAGraphs(FakeSeparator(), min_calls=1)
+    mixture = torch.randn(2, 400)
+    torch.testing.assert_close(graphed(mixture), graphed.module(mixture))  # off CUDA: the module itself
+    assert len(graphed) == 0
+    with pytest.raises(ValueError, match="max_graphs, min_calls and warmup"):
+        TrainingCUDAGraphs(FakeSeparator(), min_calls=0)
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -16,7 +16,7 @@ from speechbrain_mamba.inference.checkpoints import (
     mamba_tasnet_masknet_state_dict,
 )
 from speechbrain_mamba.inference.chunking import best_permutation, separate_in_chunks
-from speechbrain_mamba.inference.cuda_graphs import CUDAGraphCache
+from speechbrain_mamba.utils.cuda_graphs import CUDAGraphCache
 from speechbrain_mamba.inference.export import export_model, find_checkpoint
 from speechbrain_mamba.inference.interface import MambaSeparator
 

@@ -9,7 +9,7 @@ from speechbrain.inference.interfaces import Pretrained
 
 from speechbrain_mamba.inference.audio import check_mixture, read_mixture
 from speechbrain_mamba.inference.chunking import separate_in_chunks
-from speechbrain_mamba.inference.cuda_graphs import CUDAGraphCache
+from speechbrain_mamba.utils.cuda_graphs import CUDAGraphCache
 from speechbrain_mamba.separation.separator import separate_mixture
 
 PathLike = Union[str, os.PathLike]
@@ -55,7 +55,7 @@ class MambaSeparator(Pretrained):
         running them, and for chunked long recordings (all chunks but the last
         share a shape). The first separation of each shape is slower (warm-up
         and capture); each kept graph holds one forward's memory. See
-        :class:`~speechbrain_mamba.inference.cuda_graphs.CUDAGraphCache`.
+        :class:`~speechbrain_mamba.utils.cuda_graphs.CUDAGraphCache`.
 
         Arguments
         ---------

@@ -12,7 +12,8 @@ from speechbrain.nnet.losses import get_si_snr_with_pitwrapper
 from speechbrain.utils.distributed import if_main_process
 
 from speechbrain_mamba.separation.metrics import separation_scores
-from speechbrain_mamba.separation.separator import separate_mixture
+from speechbrain_mamba.separation.separator import SeparationForward, separate_mixture
+from speechbrain_mamba.utils.cuda_graphs import TrainingCUDAGraphs
 
 logger = logging.getLogger(__name__)
 RESULT_COLUMNS = ["snt_id", "sdr", "sdr_i", "si-snr", "si-snr_i"]
@@ -40,10 +41,16 @@ class Separation(sb.Brain):
     ``max_grad_norm``. Test: writes ``test_results.csv`` (SDR, SDRi, SI-SNR,
     SI-SNRi per utterance and their average) into the output folder.
 
+    With ``cuda_graphs: True`` (CUDA, one process), the training forward and
+    backward of each segment shape seen twice are recorded once and then
+    replayed from CUDA graphs (:class:`~speechbrain_mamba.utils.cuda_graphs.TrainingCUDAGraphs`):
+    the same step without the launch overhead that dominates Mamba models on
+    short segments. It pays off with fixed-length segments (``training_signal_len``).
+
     Hyperparameters read: ``num_spks``, ``loss_threshold`` (optional),
     ``training_signal_len`` (optional), ``epoch_counter``, ``checkpointer``,
     ``train_logger``, ``output_folder``, ``save_audio`` (optional),
-    ``lr_step_scheduler``/``lr_epoch_scheduler`` (optional).
+    ``lr_step_scheduler``/``lr_epoch_scheduler`` (optional), ``cuda_graphs`` (optional, default False).
 
     Arguments
     ---------
@@ -64,10 +71,22 @@ class Separation(sb.Brain):
     """
 
     train_dataset = None
+    training_graphs = None
 
     def compute_forward(self, mixture: torch.Tensor) -> torch.Tensor:
         """[B, T] mixture -> [B, T, num_spks] estimates, in fp32."""
+        if self.training_graphs is not None:  # eager itself where no graph applies (evaluation, other shapes)
+            return self.training_graphs(mixture).float()
         return separate_mixture(self.modules, mixture, self.hparams.num_spks).float()
+
+    def on_fit_start(self):
+        super().on_fit_start()
+        if getattr(self.hparams, "cuda_graphs", False) and self.training_graphs is None:
+            if self.device_type != "cuda":
+                raise ValueError(f"cuda_graphs: True needs a CUDA device; this run is on {self.device!r}.")
+            if dist.is_available() and dist.is_initialized():
+                raise ValueError("cuda_graphs: True works in one process only; set it to False under DDP.")
+            self.training_graphs = TrainingCUDAGraphs(SeparationForward(self.modules, self.hparams.num_spks))
 
     def compute_objectives(self, estimates: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         """Per-item negative SI-SNR under the best permutation: [B]."""

@@ -48,3 +48,31 @@ def separate_mixture(modules: Mapping[str, torch.nn.Module], mixture: torch.Tens
     if estimates.shape[1] < length:
         estimates = F.pad(estimates, (0, 0, 0, length - estimates.shape[1]))
     return estimates[:, :length]
+
+
+class SeparationForward(torch.nn.Module):
+    """:func:`separate_mixture` as a module: one callable holding every parameter of the separation
+    (what :class:`~speechbrain_mamba.utils.cuda_graphs.TrainingCUDAGraphs` records).
+
+    Arguments
+    ---------
+    modules : Mapping[str, torch.nn.Module]
+        ``encoder``/``masknet``/``decoder``, or ``model``.
+    num_spks : int
+        Number of sources to return.
+
+    Example
+    -------
+    >>> from speechbrain_mamba.lobes import SepMamba
+    >>> forward = SeparationForward({"model": SepMamba(dim=4, num_layers=1)}, num_spks=2)
+    >>> forward(torch.randn(1, 1000)).shape
+    torch.Size([1, 1000, 2])
+    """
+
+    def __init__(self, modules: Mapping[str, torch.nn.Module], num_spks: int):
+        super().__init__()
+        self.separation_modules = torch.nn.ModuleDict(dict(modules))
+        self.num_spks = num_spks
+
+    def forward(self, mixture: torch.Tensor) -> torch.Tensor:
+        return separate_mixture(self.separation_modules, mixture, self.num_spks)
