@@ -303,9 +303,13 @@ def test_fit_batch_solved_items_leave_the_mean():
     assert any(not torch.equal(a, b) for a, b in zip(parameters(unthresholded), parameters(reference)))
 
 
-def test_cuda_graphs_need_a_cuda_device_and_leave_cpu_training_unchanged():
+def test_cuda_graphs_need_a_cuda_device_and_no_accumulation_and_leave_cpu_training_unchanged():
     with pytest.raises(ValueError, match="cuda_graphs: True needs a CUDA device"):
         make_brain(FakeSeparator(), cuda_graphs=True)
+    with pytest.raises(ValueError, match="grad_accumulation_factor > 1"):
+        brain = Separation({"model": FakeSeparator()}, lambda params: torch.optim.Adam(params), {"num_spks": 2,
+                           "cuda_graphs": True}, run_opts={"device": "cpu", "grad_accumulation_factor": 2})
+        brain.on_fit_start()
     graphed = TrainingCUDAGraphs(FakeSeparator(), min_calls=1)
     mixture = torch.randn(2, 400)
     torch.testing.assert_close(graphed(mixture), graphed.module(mixture))  # off CUDA: the module itself

@@ -45,7 +45,8 @@ class Separation(sb.Brain):
     backward of each segment shape seen twice are recorded once and then
     replayed from CUDA graphs (:class:`~speechbrain_mamba.utils.cuda_graphs.TrainingCUDAGraphs`):
     the same step without the launch overhead that dominates Mamba models on
-    short segments. It pays off with fixed-length segments (``training_signal_len``).
+    short segments. It pays off with fixed-length segments (``training_signal_len``);
+    it is refused with gradient accumulation, under DDP and off CUDA.
 
     Hyperparameters read: ``num_spks``, ``loss_threshold`` (optional),
     ``training_signal_len`` (optional), ``epoch_counter``, ``checkpointer``,
@@ -82,10 +83,17 @@ class Separation(sb.Brain):
     def on_fit_start(self):
         super().on_fit_start()
         if getattr(self.hparams, "cuda_graphs", False) and self.training_graphs is None:
+            if self.grad_accumulation_factor > 1:
+                # A replayed backward hands out the graph's own buffers as gradients: they cannot accumulate.
+                raise ValueError("cuda_graphs: True does not combine with grad_accumulation_factor > 1 "
+                                 f"(got {self.grad_accumulation_factor}); raise the batch size instead.")
             if self.device_type != "cuda":
                 raise ValueError(f"cuda_graphs: True needs a CUDA device; this run is on {self.device!r}.")
             if dist.is_available() and dist.is_initialized():
                 raise ValueError("cuda_graphs: True works in one process only; set it to False under DDP.")
+            if getattr(self.hparams, "training_signal_len", None) is None:
+                logger.warning("cuda_graphs: True with full-length training utterances: only lengths that "
+                               "repeat are captured; set training_signal_len for fixed-length segments.")
             self.training_graphs = TrainingCUDAGraphs(SeparationForward(self.modules, self.hparams.num_spks))
 
     def compute_objectives(self, estimates: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -121,16 +129,17 @@ class Separation(sb.Brain):
                 if should_step:
                     # Under DDP the gradients accumulated in no_sync() are all-reduced by this step's
                     # backward; without it they were never synchronised, so the window is dropped.
-                    self.zero_grad()
+                    self.zero_grad(set_to_none=True)  # (None, not zeros: a graph's gradients are its buffers)
                 return torch.tensor(float("nan"))
             if bool(torch.isfinite(item_losses).all()):
                 loss = item_losses[keep].mean()
             else:
                 # A non-finite item poisons the backward of the whole batch even when dropped from the mean
                 # (its zero upstream gradient meets NaN local derivatives: 0 * NaN = NaN), so the kept items
-                # go through the model again without it. Local to this rank: no collective.
+                # go through the model again without it. Local to this rank: no collective. Eagerly: the first
+                # forward's autograd graph is still alive, which a CUDA-graph capture must not meet.
                 with self.training_ctx:
-                    estimates = self.compute_forward(mixture[keep])
+                    estimates = separate_mixture(self.modules, mixture[keep], self.hparams.num_spks).float()
                 loss = self.compute_objectives(estimates, sources[keep]).mean()
             self.scaler.scale(loss / self.grad_accumulation_factor).backward()
         if should_step:

@@ -157,8 +157,15 @@ class TrainingCUDAGraphs:
     ``RuntimeError`` saying so, since it can leave CUDA's random generator
     unusable for the rest of the process. The outputs of a graphed call are
     overwritten by the next call of the same shape: finish the backward of one
-    step before the next forward. Not for DDP-wrapped modules (DDP's reducer
-    expects its own forward).
+    step before the next forward. The parameters' gradients of a replayed
+    backward are the graph's own buffers (autograd keeps them as ``.grad``
+    when ``.grad`` is None), so release them with ``zero_grad(set_to_none=True)``
+    after each optimizer step and do not accumulate two backward passes into
+    ``.grad``: the second replay would overwrite the first. A graph also keeps
+    the parameters' storage and which of them require gradients as they were
+    at capture: replacing ``param.data`` or (un)freezing parameters needs a new
+    ``TrainingCUDAGraphs``. Not for DDP-wrapped modules (DDP's reducer expects
+    its own forward).
 
     Arguments
     ---------
