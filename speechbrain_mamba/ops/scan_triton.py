@@ -62,6 +62,9 @@ from speechbrain_mamba.ops.triton_support import check_32bit_offsets, interpreti
 
 _LOG2E = tl.constexpr(1.4426950408889634)
 _LN2 = tl.constexpr(0.6931471805599453)
+# How many frames ahead the backward kernel's adjoint walk loads a frame (2 was slower: each frame in
+# the queue holds its recomputed state tile; benchmarks/results/scan_backward_2026-11-24_h100/).
+_ADJOINT_PREFETCH = tl.constexpr(1)
 
 
 @dataclass(frozen=True)
@@ -104,11 +107,13 @@ class ScanConfig:
         Warps per program of the frame-by-frame backward kernel (the forward one uses 1).
     sequential_prefetch : int
         How many frames ahead of their arithmetic the frame-by-frame kernels
-        load a frame (at least 1; in the backward kernel the queue of loaded
-        frames restarts in each chunk).
+        load a frame (at least 1; in the backward kernel: in the walk that
+        recomputes a chunk's states, where the queue of loaded frames
+        restarts in each chunk; its adjoint walk loads 1 frame ahead).
     sequential_unroll : int
-        Frames unrolled per loop step of the frame-by-frame forward kernel (a
-        power of two; a chunk's frames when larger than a chunk).
+        Frames unrolled per loop step of the frame-by-frame forward kernel and
+        of the backward kernel's recomputing walk (a power of two; a chunk's
+        frames when larger than a chunk).
     """
 
     block_e: int = 16
@@ -146,9 +151,10 @@ class ScanConfig:
 # kernel on SepMamba-M's stages; no program target wins on every shape).
 FORWARD_CONFIG = ScanConfig(sequential_block_e=32, sequential_wide_min_rows=32768, sequential_split_programs=2048)
 FORWARD_CONFIG_FP32 = replace(FORWARD_CONFIG, sequential_wide_min_rows=0)
-# The backward pass reuses the forward pass's chunks: its block_l is not read. Frames 1 ahead: 2 or 4
-# were slower (scan_prefetch_h100_2026-11-24.md).
-BACKWARD_CONFIG = ScanConfig(sequential_prefetch=1)
+# The backward pass reuses the forward pass's chunks: its block_l is not read. Its recomputing walk
+# loads frames 4 ahead and unrolls 8 per step, as the forward kernel: 2-12 % faster than 1 ahead
+# without unrolling on DPMamba-M's shapes (benchmarks/results/scan_backward_2026-11-24_h100/).
+BACKWARD_CONFIG = ScanConfig(sequential_prefetch=4, sequential_unroll=8)
 
 
 @triton.jit
@@ -191,7 +197,8 @@ def _set_state_column(states, offs_n, n, column):
 
 @triton.jit
 def _segment_start_state(h0_ptr, seg_decay_ptr, seg_state_ptr, state_offs, pid_b, offs_e, offs_n, en_mask, E, N, seg,
-                         num_seg, HAS_H0: tl.constexpr, SUMMARY: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_N: tl.constexpr):
+                         num_seg, HAS_H0: tl.constexpr, SUMMARY: tl.constexpr, BLOCK_E: tl.constexpr,
+                         BLOCK_N: tl.constexpr):
     """State entering segment `seg`: zero for a summary pass, otherwise the initial state carried through the
     (decay, end state) summaries of the earlier segments in scan order."""
     state = tl.zeros([BLOCK_E, BLOCK_N], tl.float32)
@@ -633,7 +640,7 @@ def _scan_bwd_sequential_kernel(
     sdu_b, sdu_e, sdu_l, sdd_b, sdd_e, sdd_l, sdz_b, sdz_e, sdz_l,
     sB_b, sB_g, sB_n, sB_l, sC_b, sC_g, sC_n, sC_l,
     N: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_L: tl.constexpr,
-    PREFETCH: tl.constexpr,
+    PREFETCH: tl.constexpr, UNROLL: tl.constexpr,
     HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_DLAST: tl.constexpr,
     SOFTPLUS: tl.constexpr, REVERSE: tl.constexpr, STORE_DH0: tl.constexpr,
 ):
@@ -691,30 +698,32 @@ def _scan_bwd_sequential_kernel(
         k = num_chunks - 1 - j
         h = tl.load(chunk_ptr + ((pid_b * E + offs_e[:, None]) * num_chunks + k) * N + offs_n[None, :],
                     mask=en_mask, other=0.0)
-        # States of the chunk, in scan order, into the scratch slot. The frame loops are not
-        # unrolled (unrolled, the kernel takes minutes to compile); as in the forward kernel,
-        # frames are loaded PREFETCH frames ahead; the queue restarts in each chunk.
-        # Only u, delta and B are needed: the frames ahead carry those three.
+        # States of the chunk, in scan order, into the scratch slot. As in the forward kernel, frames
+        # are loaded PREFETCH frames ahead (the queue restarts in each chunk) and UNROLL frames are
+        # unrolled per step. Only u, delta and B are needed: the frames ahead carry those three.
         ahead = ()
         for p in tl.static_range(PREFETCH):
             ahead = ahead + (_load_frame(_frame_time(k * BLOCK_L + p, L, REVERSE), L, u_row, d_row, z_row, dy_row,
                                          B_seq, C_seq, su_l, sd_l, sz_l, sy_l, sB_l, sC_l, n_mask, True,
                                          False, False, False)[:3],)
-        for i in range(0, BLOCK_L):
-            t = _frame_time(k * BLOCK_L + i, L, REVERSE)
-            valid = (t >= 0) & (t < L)
-            u, delta, B_t = ahead[0]
-            ahead = ahead[1:] + (_load_frame(_frame_time(k * BLOCK_L + i + PREFETCH, L, REVERSE), L, u_row, d_row,
-                                             z_row, dy_row, B_seq, C_seq, su_l, sd_l, sz_l, sy_l, sB_l, sC_l, n_mask,
-                                             True, False, False, False)[:3],)
-            dt, _ = _dt(delta[:, None], bias, HAS_BIAS, SOFTPLUS)
-            dt = tl.where(valid, dt, 0.0)
-            h = tl.exp2(dt * A2) * h + (dt * u[:, None]) * B_t[None, :]
-            tl.store(scratch + i * (BLOCK_E * BLOCK_N), h)
+        for step in range(0, BLOCK_L // UNROLL):
+            for f in tl.static_range(UNROLL):
+                i = step * UNROLL + f
+                t = _frame_time(k * BLOCK_L + i, L, REVERSE)
+                valid = (t >= 0) & (t < L)
+                u, delta, B_t = ahead[0]
+                ahead = ahead[1:] + (_load_frame(_frame_time(k * BLOCK_L + i + PREFETCH, L, REVERSE), L, u_row,
+                                                 d_row, z_row, dy_row, B_seq, C_seq, su_l, sd_l, sz_l, sy_l, sB_l,
+                                                 sC_l, n_mask, True, False, False, False)[:3],)
+                dt, _ = _dt(delta[:, None], bias, HAS_BIAS, SOFTPLUS)
+                dt = tl.where(valid, dt, 0.0)
+                h = tl.exp2(dt * A2) * h + (dt * u[:, None]) * B_t[None, :]
+                tl.store(scratch + i * (BLOCK_E * BLOCK_N), h)
         # The scratch slot is written and read by the same threads (same layout), but make it explicit.
         tl.debug_barrier()
+        # The adjoint walk is not unrolled (unrolled, the kernel takes minutes to compile).
         ahead = ()
-        for p in tl.static_range(PREFETCH):
+        for p in tl.static_range(_ADJOINT_PREFETCH):
             ahead = ahead + (_load_adjoint_frame(BLOCK_L - 1 - p, k, L, u_row, d_row, dy_row, z_row, B_seq, C_seq,
                                                  scratch, su_l, sd_l, sy_l, sz_l, sB_l, sC_l, n_mask, BLOCK_E,
                                                  BLOCK_N, BLOCK_L, HAS_Z, REVERSE),)
@@ -723,9 +732,9 @@ def _scan_bwd_sequential_kernel(
             t = _frame_time(k * BLOCK_L + i, L, REVERSE)
             valid = (t >= 0) & (t < L)
             u, delta, dy, B_t, C_t, z, h = ahead[0]
-            ahead = ahead[1:] + (_load_adjoint_frame(i - PREFETCH, k, L, u_row, d_row, dy_row, z_row, B_seq, C_seq,
-                                                     scratch, su_l, sd_l, sy_l, sz_l, sB_l, sC_l, n_mask, BLOCK_E,
-                                                     BLOCK_N, BLOCK_L, HAS_Z, REVERSE),)
+            ahead = ahead[1:] + (_load_adjoint_frame(i - _ADJOINT_PREFETCH, k, L, u_row, d_row, dy_row, z_row, B_seq,
+                                                     C_seq, scratch, su_l, sd_l, sy_l, sz_l, sB_l, sC_l, n_mask,
+                                                     BLOCK_E, BLOCK_N, BLOCK_L, HAS_Z, REVERSE),)
             dy = dy * out_scale
             dt, slope = _dt(delta[:, None], bias, HAS_BIAS, SOFTPLUS)  # (BLOCK_E, 1)
             dt = tl.where(valid, dt, 0.0)
@@ -926,6 +935,7 @@ def _backward(u, delta, A, B, C, D, z, delta_bias, dy, dlast, chunks, fwd_plan, 
             du if dz is None else dz, dA if dbias is None else dbias, dA if dh0 is None else dh0,
             channels, length, per_group, num_eblocks, plan.num_chunks, output_scale, *strides,
             BLOCK_E=sequential_block_e, PREFETCH=config.sequential_prefetch,
+            UNROLL=min(config.sequential_unroll, plan.block_l),
             num_warps=config.sequential_num_warps, **flags,
         )
 
