@@ -115,7 +115,8 @@ def main() -> None:
                     )
                     print(rows[-1], flush=True)
                 rows.append(
-                    f"| {label} | {params:.3f}M | {threads} | offline | | | {offline_rtf(model, args.seconds):.2f} | | |"
+                    f"| {label} | {params:.3f}M | {threads} | offline | | | "
+                    f"{offline_rtf(model, args.seconds):.2f} | | |"
                 )
                 print(rows[-1], flush=True)
 

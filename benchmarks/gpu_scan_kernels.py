@@ -137,10 +137,10 @@ def benchmark(args):
                     except torch.OutOfMemoryError:
                         ms, mib = float("nan"), float("nan")
                         torch.cuda.empty_cache()
-                    row = dict(**{"pass": "fwd+bwd" if backward else "fwd"}, shape=name, batch=batch, E=channels, L=length, N=N_STATE, dtype=dtype_name,
-                               backend=backend, ms=round(ms, 4),
-                               GBps=round(moved / ms / 1e6, 1), pct_peak=round(100 * moved / ms / 1e6 / H100_PEAK_GBS, 1),
-                               peak_MiB=round(mib, 1))
+                    row = dict(**{"pass": "fwd+bwd" if backward else "fwd"}, shape=name, batch=batch, E=channels,
+                               L=length, N=N_STATE, dtype=dtype_name, backend=backend, ms=round(ms, 4),
+                               GBps=round(moved / ms / 1e6, 1),
+                               pct_peak=round(100 * moved / ms / 1e6 / H100_PEAK_GBS, 1), peak_MiB=round(mib, 1))
                     rows.append(row)
                     print(" ".join(f"{k}={v}" for k, v in row.items()), flush=True)
                 del inputs

@@ -417,7 +417,8 @@ def target_lines(table: Table, anchors: Dict[str, dict], lengths: List[float]) -
                      f"{verdict(values, limit)} | {', '.join(map(fmt_ratio, values))} |")
     upto60 = [s for s in lengths if 1 <= s <= 60]
     values = [ratios("infer", d, s, 1, "time_ms") for d in dtypes for s in upto60]
-    lines.append(f"| DPMamba-M inference never slower than Sepformer, {upto60[0] if upto60 else 1:g}..60 s, fp32+bf16 | "
+    lines.append(f"| DPMamba-M inference never slower than Sepformer, {upto60[0] if upto60 else 1:g}..60 s, "
+                 "fp32+bf16 | "
                  f"{verdict(values, 1.0)} | {', '.join(map(fmt_ratio, values))} |")
     train_seconds = sorted({key[3] for key in table.by_key if key[1] == "train"})
     for field, limit, what in (("time_ms", 0.7, "time"), ("mem_mib", 0.5, "memory")):
@@ -446,7 +447,8 @@ def target_lines(table: Table, anchors: Dict[str, dict], lengths: List[float]) -
 def summary(meta: dict, records: List[dict], anchors: Dict[str, dict]) -> str:
     """The markdown report."""
     table = Table(records)
-    models = sorted(dict.fromkeys(r["model"] for r in records), key=lambda m: MODELS.index(m) if m in MODELS else len(MODELS))
+    models = sorted(dict.fromkeys(r["model"] for r in records),
+                    key=lambda m: MODELS.index(m) if m in MODELS else len(MODELS))
     lengths = sorted({float(r["seconds"]) for r in records if r["kind"] == "infer"})
     dtypes = [d for d in DTYPES if any(r["dtype"] == d and r["kind"] == "infer" for r in records)]
     counts = {s: sum(r["status"] == s for r in records) for s in ("ok", "oom", "skipped", "error")}
@@ -557,7 +559,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
     parser.add_argument("--models", default=",".join(MODELS), help="comma-separated hparams/<name>.yaml stems; "
-                        "name:key=value[:key=value] overrides the file's hparams (e.g. dpmamba_m:checkpoint_blocks=true)")
+                        "name:key=value[:key=value] overrides the file's hparams "
+                        "(e.g. dpmamba_m:checkpoint_blocks=true)")
     parser.add_argument("--lengths", help=f"inference lengths in seconds (default {','.join(map(str, LENGTHS))})")
     parser.add_argument("--dtypes", help="fp32 and/or bf16 (autocast); default both on CUDA, fp32 on the CPU "
                         "(where bf16 autocast is 5-20x slower than fp32)")

@@ -386,4 +386,3 @@ def test_list_speaker_utterances_errors(tmp_path):
     assert f"{tmp_path / 'flat'}: only 1 speaker (19-), expected at least 2 to mix" in str(error.value)
     with pytest.raises(ValueError, match="unknown corpus 'timit'"):
         list_speaker_utterances(tmp_path, "timit")
-

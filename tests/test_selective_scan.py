@@ -67,7 +67,8 @@ CASES = [
 
 
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
-@pytest.mark.parametrize("case", CASES, ids=lambda c: f"b{c[0]}e{c[1]}n{c[2]}L{c[3]}g{c[4]}-D{c[5]:d}z{c[6]:d}bias{c[7]:d}h0{c[8]:d}rev{c[9]:d}")
+@pytest.mark.parametrize("case", CASES, ids=lambda c: f"b{c[0]}e{c[1]}n{c[2]}L{c[3]}g{c[4]}-D{c[5]:d}z{c[6]:d}"
+                         f"bias{c[7]:d}h0{c[8]:d}rev{c[9]:d}")
 def test_backend_matches_reference_fp32(backend, case):
     batch, channels, state, length, groups, with_D, with_z, with_bias, with_initial, reverse = case
     inputs = make_inputs(batch, channels, state, length, groups, with_D=with_D, with_z=with_z,

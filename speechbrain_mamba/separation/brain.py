@@ -243,5 +243,6 @@ class Separation(sb.Brain):
         peak = max(estimates.abs().max().item(), 1e-8)
         rate = getattr(self.hparams, "sample_rate", 8000)
         for i in range(estimates.shape[-1]):
-            soundfile.write(folder / f"{snt_id}_source{i + 1}hat.wav", (estimates[:, i] / peak * 0.9).cpu().numpy(), rate)
+            source = (estimates[:, i] / peak * 0.9).cpu().numpy()
+            soundfile.write(folder / f"{snt_id}_source{i + 1}hat.wav", source, rate)
         soundfile.write(folder / f"{snt_id}_mix.wav", mixture.cpu().numpy(), rate)
