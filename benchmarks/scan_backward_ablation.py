@@ -10,8 +10,11 @@ pass, for:
   wrong; only their time means something:
 
   - ``no-recompute``: the walk that recomputes each chunk's states into the scratch slot is skipped;
-  - ``no-dBdC``: the channel blocks' shares of ``dB`` and ``dC`` are not stored;
-  - ``no-dudz``: ``du``, ``ddelta`` and ``dz`` are not stored.
+  - ``no-dBdC``: the channel blocks' shares of ``dB`` and ``dC`` are not stored (so the two sums over
+    the channels that make them are not computed either);
+  - ``no-du-ddelta``: ``du`` and ``ddelta`` are not stored (``dz`` still is).
+
+The timed ``_backward`` includes the caller's sum of the dB/dC shares over channel blocks.
 
 Shapes and inputs are those of ``gpu_scan_kernels.py`` (channel-last, as the Mamba mixer passes them).
 
@@ -43,12 +46,12 @@ ABLATIONS = {
     "no-dBdC": ("            tl.store(dB_part_ptr + part_seq + t * N, tl.sum(g * dtu, axis=0), mask=n_mask & valid)\n"
                 "            tl.store(dC_part_ptr + part_seq + t * N, tl.sum(h * dout[:, None], axis=0), "
                 "mask=n_mask & valid)\n", ""),
-    "no-dudz": ("            tl.store(du_row + t * sdu_l, grad_u.to(du_ptr.dtype.element_ty), mask=valid)\n"
-                "            tl.store(dd_row + t * sdd_l, grad_delta.to(ddelta_ptr.dtype.element_ty), mask=valid)\n",
-                ""),
+    "no-du-ddelta": ("            tl.store(du_row + t * sdu_l, grad_u.to(du_ptr.dtype.element_ty), mask=valid)\n"
+                     "            tl.store(dd_row + t * sdd_l, grad_delta.to(ddelta_ptr.dtype.element_ty), "
+                     "mask=valid)\n", ""),
 }
 SETTINGS = {
-    "recompute 1 ahead, not unrolled": dict(sequential_prefetch=1, sequential_unroll=1),  # before 2026-11-24
+    "recompute 1 ahead, not unrolled": dict(sequential_prefetch=1, sequential_unroll=1),  # as at 4995b21
     "recompute 4 ahead, 4 unrolled": dict(sequential_unroll=4),
     "8 channels": dict(sequential_block_e=8),
     "32 channels, 2 warps": dict(sequential_block_e=32, sequential_num_warps=2),
@@ -69,8 +72,8 @@ def ablated_module(name: str, folder: Path) -> ModuleType:
     return module
 
 
-def times(module: ModuleType, inputs: dict, backward_fields: dict) -> tuple:
-    """(forward ms, backward ms) of ``module``'s ``_forward`` / ``_backward`` on ``inputs``."""
+def times(module: ModuleType, inputs: dict, backward_fields: dict, time_forward: bool = False) -> tuple:
+    """(forward ms or None, backward ms) of ``module``'s ``_forward`` / ``_backward`` on ``inputs``."""
     import triton.testing
 
     x = {name: value.detach() for name, value in inputs.items()}
@@ -92,7 +95,8 @@ def times(module: ModuleType, inputs: dict, backward_fields: dict) -> tuple:
 
     backward()
     bench = dict(warmup=5, rep=40, return_mode="median")
-    return triton.testing.do_bench(forward, **bench), triton.testing.do_bench(backward, **bench)
+    forward_ms = triton.testing.do_bench(forward, **bench) if time_forward else None
+    return forward_ms, triton.testing.do_bench(backward, **bench)
 
 
 def main() -> None:
@@ -103,13 +107,13 @@ def main() -> None:
         for dtype in (torch.float32, torch.bfloat16):
             for shape, batch, channels, length in SHAPES:
                 inputs = make_inputs(batch, channels, length, dtype, False)
-                forward_ms, backward_ms = times(scan_triton, inputs, {})
+                forward_ms, backward_ms = times(scan_triton, inputs, {}, time_forward=True)
                 cells = [f"forward {forward_ms:.3f} ms", f"backward {backward_ms:.3f} ms"]
                 for name, fields in SETTINGS.items():
                     cells.append(f"{name} {times(scan_triton, inputs, fields)[1]:.3f}")
                 for name, module in ablated.items():
                     ms = times(module, inputs, {})[1]
-                    cells.append(f"{name} {ms:.3f} ({100 * (1 - ms / backward_ms):+.0f} %)")
+                    cells.append(f"{name} {ms:.3f} ({100 * (ms / backward_ms - 1):+.0f} % time)")
                 print(f"[{time.monotonic() - start:.0f}s] {str(dtype)[6:]} {shape}: " + " | ".join(cells),
                       flush=True)
 

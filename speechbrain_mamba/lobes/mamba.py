@@ -461,8 +461,8 @@ class MambaStack(nn.Module):
             raise ValueError(f"MambaStack needs num_layers >= 1; got {num_layers}.")
         if not isinstance(checkpoint_blocks, bool):
             raise ValueError(f"checkpoint_blocks must be True or False; got {checkpoint_blocks!r}.")
-        positive_int = isinstance(max_inference_frames, int) and not isinstance(max_inference_frames, bool)
-        if max_inference_frames is not None and not (positive_int and max_inference_frames >= 1):
+        is_int = isinstance(max_inference_frames, int) and not isinstance(max_inference_frames, bool)
+        if max_inference_frames is not None and not (is_int and max_inference_frames >= 1):
             raise ValueError(f"max_inference_frames must be a positive int or None; got {max_inference_frames!r}.")
         self.layers = nn.ModuleList(
             MambaBlock(d_model, bidirectional, norm, norm_epsilon, **mixer_kwargs)

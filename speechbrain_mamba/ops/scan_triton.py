@@ -46,9 +46,10 @@ Outputs and gradients are written in the layout of their inputs, so the mixer's
 channel-last activations (frames of its projections) stay channel-last.
 
 Speed on an H100 (benchmarks/results/scan_prefetch_h100_2026-11-24.md,
-scan_split_h100_2026-11-24.md): forward 0.12-0.72 ms on DPMamba-M's 4-60 s
-shapes, up to 1.6 TB/s in fp32; forward + backward 1.0-6.8 ms, at 2-13 % of
-the memory bandwidth (the backward kernels are the slow part).
+scan_split_h100_2026-11-24.md, scan_backward_2026-11-24_h100/): forward
+0.1-0.8 ms on DPMamba-M's 4-60 s shapes, up to 1.6 TB/s in fp32; the backward
+alone 0.38-5.4 ms, 5-8x the forward: forward + backward reach 2-13 % of the
+memory bandwidth.
 """
 
 from dataclasses import dataclass, replace
@@ -62,8 +63,9 @@ from speechbrain_mamba.ops.triton_support import check_32bit_offsets, interpreti
 
 _LOG2E = tl.constexpr(1.4426950408889634)
 _LN2 = tl.constexpr(0.6931471805599453)
-# How many frames ahead the backward kernel's adjoint walk loads a frame (2 was slower: each frame in
-# the queue holds its recomputed state tile; benchmarks/results/scan_backward_2026-11-24_h100/).
+# How many frames ahead the backward kernel's adjoint walk loads a frame: 2 or 4 were slower (each frame
+# in the queue holds its recomputed state tile; benchmarks/results/scan_prefetch_h100_2026-11-24.md, which
+# changed both of the kernel's walks together).
 _ADJOINT_PREFETCH = tl.constexpr(1)
 
 
@@ -77,8 +79,8 @@ class ScanConfig:
         Channels per program (a power of two; lowered to divide the channels
         of a B/C group).
     block_l : int
-        Frames per chunk (a power of two; lowered to the next power of two
-        of short sequences).
+        Frames per chunk (a power of two; a smaller power of two, at least
+        16, when it pads fewer frames).
     num_warps : int
         Warps per program.
     min_programs : int
