@@ -200,15 +200,17 @@ class TrainingCUDAGraphs:
         return len(self._graphed)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        # Graphs are recorded in training mode: a module in eval mode anywhere inside runs eagerly.
-        training = all(m.training for m in self.module.modules())
-        if not (x.is_cuda and torch.is_grad_enabled() and training):
+        # Graphs are recorded in training mode: a module in eval mode anywhere inside runs eagerly (checked
+        # last: it walks every submodule).
+        if not (x.is_cuda and torch.is_grad_enabled() and all(m.training for m in self.module.modules())):
             return self.module(x)
         key = _graph_key(x)
         graphed = self._graphed.get(key)
         if graphed is None:
+            if len(self._graphed) >= self.max_graphs:  # full: no shape is counted any more
+                return self.module(x)
             self._calls[key] += 1
-            if self._calls[key] < self.min_calls or len(self._graphed) >= self.max_graphs:
+            if self._calls[key] < self.min_calls:
                 return self.module(x)
             try:
                 with _autocast_without_cache():
