@@ -18,6 +18,7 @@ import torch.nn.functional as F
 
 from speechbrain_mamba.ops import causal_conv1d_silu
 from speechbrain_mamba.ops.causal_conv import _resolve_backend, load_triton_conv
+from speechbrain_mamba.ops.triton_support import check_32bit_offsets
 from triton_interpret import interpreted
 
 HAS_CUDA = torch.cuda.is_available()
@@ -122,6 +123,15 @@ def test_bad_shapes_are_refused(x_shape, w_shape, b_shape, match):
         causal_conv1d_silu(torch.zeros(x_shape), torch.zeros(w_shape), bias)
 
 
+def test_32bit_offset_check_is_exact_at_the_limit():
+    """The quick bound (elements x largest stride) only decides when to sum the exact reach."""
+    fits = torch.empty_strided((2, 2**30), (1, 2), device="meta")  # reaches 1 + (2**30 - 1) * 2 = 2**31 - 1
+    check_32bit_offsets(x=fits, other=None)
+    beyond = torch.empty_strided((2, 2**30 + 1), (1, 2), device="meta")
+    with pytest.raises(ValueError, match="32-bit offsets; x"):
+        check_32bit_offsets(x=beyond)
+
+
 def test_bad_backends_are_refused(monkeypatch):
     x, weight = torch.zeros(1, 3, 2), torch.zeros(2, 1, 4)
     with pytest.raises(ValueError, match=r"backend='cuda'.*'auto', 'torch', 'triton'"):
@@ -214,6 +224,17 @@ class TestInterpretedKernels:
         torch.testing.assert_close(dx.float(), dx_ref, rtol=1e-2, atol=1e-2)
         torch.testing.assert_close(dw, dw_ref, rtol=1e-4, atol=1e-4)  # fp32 sums of the same bf16 inputs
         torch.testing.assert_close(db, db_ref, rtol=1e-4, atol=1e-4)
+
+    def test_triton_without_autograd_gives_autograds_output(self, kernels):
+        """Inputs that need no gradient skip the autograd Function: the same kernel, the same output."""
+        x, weight, bias, _ = make_inputs(2, 11, 6, 4, True, dtype=torch.float32)
+        conv = self.tiny_triton(kernels)
+        for reverse in (False, True):
+            expected = conv(x, weight, bias, reverse)
+            with torch.no_grad():
+                out = conv(x, weight, bias, reverse)
+            assert expected.requires_grad and out.grad_fn is None
+            assert torch.equal(out, expected.detach())
 
     def test_triton_refuses_what_the_kernels_cannot_do(self, kernels, monkeypatch):
         x = torch.zeros(1, 3, 2)

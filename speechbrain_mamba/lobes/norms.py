@@ -62,10 +62,12 @@ class SingleGroupNorm(nn.Module):
         # Over all dims but the batch: no copy of a permuted (e.g. channels-innermost) input.
         var, mean = torch.var_mean(x32, dim=tuple(range(1, x.dim())), unbiased=False)
         scale = torch.rsqrt(var + self.eps)[:, None]  # [batch, 1]
-        shift = -mean[:, None] * scale
+        # Few ops: on short inputs each one costs the host more than the GPU.
         if self.affine:
             scale = scale * self.weight.float()  # [batch, channels]
-            shift = shift * self.weight.float() + self.bias.float()
+            shift = torch.addcmul(self.bias.float(), mean[:, None], scale, value=-1)
+        else:
+            shift = -mean[:, None] * scale
         view = (batch, -1) + (1,) * (x.dim() - 2)
         return torch.addcmul(shift.view(view), x32, scale.view(view)).to(x.dtype)
 

@@ -20,14 +20,16 @@ per time tile, ``(batch * num_time_tiles, E, K)``, that torch sums afterwards:
 no atomics, so the gradients are the same bits from run to run.
 """
 
+import functools
 from dataclasses import dataclass
-from typing import Optional
+from typing import Optional, Tuple
 
 import torch
 import triton
 import triton.language as tl
 
-from speechbrain_mamba.ops.triton_support import check_32bit_offsets, interpreting
+from speechbrain_mamba.ops.autograd import needs_autograd
+from speechbrain_mamba.ops.triton_support import cdiv, check_32bit_offsets, interpreting, next_power_of_2
 
 MAX_KERNEL_SIZE = 8  # the kernels unroll K (forward) and K^2 (backward) tile loads
 
@@ -184,11 +186,12 @@ class _Launch:
     num_eblocks: int
 
 
+@functools.lru_cache(maxsize=4096)
 def _plan(batch: int, length: int, channels: int, config: ConvConfig) -> _Launch:
     # Short sequences or few channels: smaller tiles, but not below 16 (masked lanes are cheap, tiny tiles not).
-    block_l = min(config.block_l, max(16, triton.next_power_of_2(length)))
-    block_e = min(config.block_e, max(16, triton.next_power_of_2(channels)))
-    return _Launch(block_l, block_e, config.num_warps, triton.cdiv(length, block_l), triton.cdiv(channels, block_e))
+    block_l = min(config.block_l, max(16, next_power_of_2(length)))
+    block_e = min(config.block_e, max(16, next_power_of_2(channels)))
+    return _Launch(block_l, block_e, config.num_warps, cdiv(length, block_l), cdiv(channels, block_e))
 
 
 def _forward(x, weight2d, bias, reverse, config):
@@ -233,6 +236,13 @@ def _backward(x, weight2d, bias, dout, reverse, want_dx, want_dw, config):
     return dx, dw_part.sum(0), (db_part.sum(0) if bias is not None else None)
 
 
+def _kernel_parameters(
+    weight: torch.Tensor, bias: Optional[torch.Tensor]
+) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """The weight as a contiguous (E, K) tensor and the bias contiguous, as the kernels read them."""
+    return weight.reshape(weight.shape[0], -1).contiguous(), None if bias is None else bias.contiguous()
+
+
 class _TritonCausalConv(torch.autograd.Function):
     """Autograd wrapper: the forward keeps only ``x``, the weight and the bias; the backward recomputes the rest.
 
@@ -243,8 +253,7 @@ class _TritonCausalConv(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, bias, reverse, fwd_config, bwd_config):
-        weight2d = weight.reshape(weight.shape[0], -1).contiguous()
-        bias_c = None if bias is None else bias.contiguous()
+        weight2d, bias_c = _kernel_parameters(weight, bias)
         out = _forward(x, weight2d, bias_c, reverse, fwd_config)
         ctx.save_for_backward(x, weight2d, bias_c)
         ctx.weight_shape, ctx.weight_dtype = weight.shape, weight.dtype
@@ -310,9 +319,10 @@ def causal_conv1d_silu_triton(
     if not 1 <= kernel_size <= MAX_KERNEL_SIZE:
         raise ValueError(f"backend='triton' supports kernel sizes 1 to {MAX_KERNEL_SIZE}; weight has "
                          f"{kernel_size}. Use backend='torch'.")
-    return _TritonCausalConv.apply(
-        x, weight, bias, bool(reverse), forward_config or FORWARD_CONFIG, backward_config or BACKWARD_CONFIG
-    )
+    forward_config = forward_config or FORWARD_CONFIG
+    if not needs_autograd(x, weight, bias):
+        return _forward(x, *_kernel_parameters(weight, bias), bool(reverse), forward_config)
+    return _TritonCausalConv.apply(x, weight, bias, bool(reverse), forward_config, backward_config or BACKWARD_CONFIG)
 
 
 __all__ = ["BACKWARD_CONFIG", "FORWARD_CONFIG", "MAX_KERNEL_SIZE", "ConvConfig", "causal_conv1d_silu_triton"]

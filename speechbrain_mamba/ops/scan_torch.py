@@ -28,6 +28,8 @@ from typing import Optional, Tuple
 import torch
 import torch.nn.functional as F
 
+from speechbrain_mamba.ops.autograd import needs_autograd
+
 
 def _scan_(
     coeff: torch.Tensor,
@@ -294,8 +296,7 @@ def selective_scan_torch(
     (no gradient enabled, or no input requiring one) the scan runs in
     cache-sized blocks instead (:func:`_selective_scan_inference`).
     """
-    inputs = (u, delta, A, B, C, D, z, delta_bias, initial_state, output_add)
-    if not (torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in inputs)):
+    if not needs_autograd(u, delta, A, B, C, D, z, delta_bias, initial_state, output_add):
         return _selective_scan_inference(
             u, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_state, reverse, output_scale, output_add
         )

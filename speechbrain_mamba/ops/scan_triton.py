@@ -52,14 +52,16 @@ alone 0.38-5.4 ms, 5-8x the forward: forward + backward reach 2-13 % of the
 memory bandwidth.
 """
 
-from dataclasses import dataclass, replace
-from typing import Optional, Tuple
+import functools
+from dataclasses import dataclass, field, replace
+from typing import Dict, Optional, Tuple
 
 import torch
 import triton
 import triton.language as tl
 
-from speechbrain_mamba.ops.triton_support import check_32bit_offsets, interpreting
+from speechbrain_mamba.ops.autograd import needs_autograd
+from speechbrain_mamba.ops.triton_support import cdiv, check_32bit_offsets, interpreting, next_power_of_2
 
 _LOG2E = tl.constexpr(1.4426950408889634)
 _LN2 = tl.constexpr(0.6931471805599453)
@@ -803,28 +805,64 @@ class _Launch:
     num_seg: int
 
 
+# Launch shapes are cached per (shapes, config): short inputs are bound by the host's time per call.
+@functools.lru_cache(maxsize=4096)
 def _plan(batch: int, channels: int, length: int, state: int, per_group: int, config: ScanConfig) -> _Launch:
     block_e = _pow2_divisor(per_group, config.block_e)
     # Fewest padded frames, counting each chunk's fixed cost as 16 frames (129 frames: 3 chunks of 64,
     # not 2 of 128); ties go to the longer chunk.
     sizes = [2**i for i in range(4, config.block_l.bit_length()) if 2**i <= config.block_l] or [config.block_l]
-    block_l = min(reversed(sizes), key=lambda size: triton.cdiv(length, size) * (size + 16))
+    block_l = min(reversed(sizes), key=lambda size: cdiv(length, size) * (size + 16))
     num_eblocks = channels // block_e
-    num_chunks = triton.cdiv(length, block_l)
+    num_chunks = cdiv(length, block_l)
     chunks_per_seg, num_seg = _segments(batch * num_eblocks, num_chunks, config.min_programs,
                                         config.min_segment_chunks)
-    return _Launch(block_e, block_l, triton.next_power_of_2(state), config.num_warps, num_eblocks,
-                   num_chunks, chunks_per_seg, num_seg)
+    return _Launch(block_e, block_l, next_power_of_2(state), config.num_warps, num_eblocks, num_chunks,
+                   chunks_per_seg, num_seg)
 
 
 def _segments(programs: int, num_chunks: int, min_programs: int, min_segment_chunks: int) -> Tuple[int, int]:
     """(chunks per segment, segments): time split until about ``min_programs`` programs run."""
     num_seg = 1
     if min_programs and programs < min_programs:
-        wanted = triton.cdiv(min_programs, programs)
+        wanted = cdiv(min_programs, programs)
         num_seg = max(1, min(wanted, num_chunks // max(1, min_segment_chunks)))
-    chunks_per_seg = triton.cdiv(num_chunks, num_seg)
-    return chunks_per_seg, triton.cdiv(num_chunks, chunks_per_seg)
+    chunks_per_seg = cdiv(num_chunks, num_seg)
+    return chunks_per_seg, cdiv(num_chunks, chunks_per_seg)
+
+
+@dataclass(frozen=True)
+class _ForwardLaunch:
+    """Which forward kernel runs, on which grid, with which tile constants."""
+
+    plan: _Launch
+    sequential: bool
+    grid: Tuple[int, int]
+    num_eblocks: int
+    chunks_per_seg: int
+    num_seg: int
+    constants: Dict[str, int] = field(hash=False)
+
+
+@functools.lru_cache(maxsize=4096)
+def _forward_launch(batch: int, channels: int, length: int, state: int, groups: int,
+                    config: ScanConfig) -> _ForwardLaunch:
+    per_group = channels // groups
+    plan = _plan(batch, channels, length, state, per_group, config)
+    enough_rows = bool(config.sequential_min_rows) and batch * channels >= config.sequential_min_rows
+    if enough_rows or config.sequential_split_programs:
+        block_e = _sequential_block_e(batch, channels, per_group, config)
+        programs = batch * (channels // block_e)
+        chunks_per_seg, num_seg = (plan.num_chunks, 1) if enough_rows else _segments(
+            programs, plan.num_chunks, config.sequential_split_programs, config.min_segment_chunks)
+        constants = dict(BLOCK_N=plan.block_n, BLOCK_L=plan.block_l, BLOCK_E=block_e,
+                         PREFETCH=config.sequential_prefetch, UNROLL=min(config.sequential_unroll, plan.block_l),
+                         num_warps=1)
+        return _ForwardLaunch(plan, True, (programs, num_seg), channels // block_e, chunks_per_seg, num_seg,
+                              constants)
+    constants = dict(BLOCK_N=plan.block_n, BLOCK_L=plan.block_l, BLOCK_E=plan.block_e, num_warps=plan.num_warps)
+    return _ForwardLaunch(plan, False, (batch * plan.num_eblocks, plan.num_seg), plan.num_eblocks,
+                          plan.chunks_per_seg, plan.num_seg, constants)
 
 
 def _strides3(t: Optional[torch.Tensor], like: torch.Tensor) -> Tuple[int, int, int]:
@@ -847,57 +885,42 @@ def _empty_in_layout(like: torch.Tensor, dtype: Optional[torch.dtype] = None) ->
 
 def _forward(u, delta, A, B, C, D, z, delta_bias, initial_state, softplus, reverse, output_scale, output_add,
              store_chunks, config):
+    """Runs the forward kernels; returns (y, last state, chunk-entering states or None, plan)."""
     batch, channels, length = u.shape
-    groups, state = B.shape[1], A.shape[1]
-    plan = _plan(batch, channels, length, state, channels // groups, config)
+    state = A.shape[1]
+    launch = _forward_launch(batch, channels, length, state, B.shape[1], config)
     f32 = dict(dtype=torch.float32, device=u.device)
     y = _empty_in_layout(u)
     last = torch.empty(batch, channels, state, **f32)
-    chunks = torch.empty(batch, channels, plan.num_chunks if store_chunks else 0, state, **f32)
-    A = A.contiguous()
-    inputs = [
-        u, delta, A, B, C,
+    # Buffers a launch does not touch are passed as ``last`` (no allocation).
+    chunks = torch.empty(batch, channels, launch.plan.num_chunks, state, **f32) if store_chunks else None
+    if launch.num_seg > 1:
+        seg_decay = torch.empty(batch, channels, launch.num_seg, state, **f32)
+        seg_state = torch.empty_like(seg_decay)
+    else:
+        seg_decay = seg_state = last
+    args = [
+        u, delta, A.contiguous(), B, C,
         u if D is None else D.contiguous(), u if z is None else z,
         u if delta_bias is None else delta_bias.contiguous(),
         u if initial_state is None else initial_state.contiguous(),
         u if output_add is None else output_add,
+        y, last, last if chunks is None else chunks, seg_decay, seg_state,
+        channels, length, channels // B.shape[1], launch.num_eblocks, launch.plan.num_chunks,
+        launch.chunks_per_seg, launch.num_seg, output_scale,
+        *u.stride(), *delta.stride(), *_strides3(z, u), *_strides3(output_add, u), *y.stride(),
+        *B.stride(), *C.stride(),
     ]
-    strides = [*u.stride(), *delta.stride(), *_strides3(z, u), *_strides3(output_add, u), *y.stride(),
-               *B.stride(), *C.stride()]
+    kernel = _scan_fwd_sequential_kernel if launch.sequential else _scan_fwd_kernel
     flags = dict(
-        N=state, BLOCK_N=plan.block_n, BLOCK_L=plan.block_l,
-        HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=delta_bias is not None,
+        N=state, HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=delta_bias is not None,
         HAS_H0=initial_state is not None, HAS_ADD=output_add is not None, SOFTPLUS=softplus, REVERSE=reverse,
+        **launch.constants,
     )
-    per_group = channels // groups
-    enough_rows = bool(config.sequential_min_rows) and batch * channels >= config.sequential_min_rows
-    if enough_rows or config.sequential_split_programs:
-        block_e = _sequential_block_e(batch, channels, per_group, config)
-        programs = batch * (channels // block_e)
-        chunks_per_seg, num_seg = (plan.num_chunks, 1) if enough_rows else _segments(
-            programs, plan.num_chunks, config.sequential_split_programs, config.min_segment_chunks)
-        seg_decay = torch.empty(batch, channels, num_seg if num_seg > 1 else 0, state, **f32)
-        seg_state = torch.empty_like(seg_decay)
-        args = [*inputs, y, last, chunks, seg_decay, seg_state, channels, length, per_group, channels // block_e,
-                plan.num_chunks, chunks_per_seg, num_seg, output_scale, *strides]
-        flags.update(BLOCK_E=block_e, PREFETCH=config.sequential_prefetch,
-                     UNROLL=min(config.sequential_unroll, plan.block_l), num_warps=1)
-        if num_seg > 1:
-            _scan_fwd_sequential_kernel[(programs, num_seg)](*args, SUMMARY=True, STORE_CHUNKS=False, **flags)
-        _scan_fwd_sequential_kernel[(programs, num_seg)](*args, SUMMARY=False, STORE_CHUNKS=store_chunks, **flags)
-        return y, last, chunks, plan
-    seg_decay = torch.empty(batch, channels, plan.num_seg, state, **f32)
-    seg_state = torch.empty_like(seg_decay)
-    args = [
-        *inputs, y, last, chunks, seg_decay, seg_state, channels, length, per_group, plan.num_eblocks,
-        plan.num_chunks, plan.chunks_per_seg, plan.num_seg, output_scale, *strides,
-    ]
-    grid = (batch * plan.num_eblocks, plan.num_seg)
-    flags.update(BLOCK_E=plan.block_e, num_warps=plan.num_warps)
-    if plan.num_seg > 1:
-        _scan_fwd_kernel[grid](*args, SUMMARY=True, STORE_CHUNKS=False, **flags)
-    _scan_fwd_kernel[grid](*args, SUMMARY=False, STORE_CHUNKS=store_chunks, **flags)
-    return y, last, chunks, plan
+    if launch.num_seg > 1:
+        kernel[launch.grid](*args, SUMMARY=True, STORE_CHUNKS=False, **flags)
+    kernel[launch.grid](*args, SUMMARY=False, STORE_CHUNKS=store_chunks, **flags)
+    return y, last, chunks, launch.plan
 
 
 def _backward(u, delta, A, B, C, D, z, delta_bias, dy, dlast, chunks, fwd_plan, softplus, reverse, output_scale,
@@ -1041,9 +1064,14 @@ def selective_scan_triton(
     if not u.is_cuda and not interpreting():
         raise ValueError(f"backend='triton' runs on CUDA tensors only; u is on {u.device}.")
     check_32bit_offsets(u=u, delta=delta, z=z, B=B, C=C, output_add=output_add)
+    forward_config = forward_config or (FORWARD_CONFIG_FP32 if u.element_size() == 4 else FORWARD_CONFIG)
+    inputs = (u, delta, A, B, C, D, z, delta_bias, initial_state, output_add)
+    if not needs_autograd(*inputs):
+        y, last, _, _ = _forward(u, delta, A, B, C, D, z, delta_bias, initial_state, bool(delta_softplus),
+                                 bool(reverse), float(output_scale), output_add, False, forward_config)
+        return y, last
     return _TritonScan.apply(
-        u, delta, A, B, C, D, z, delta_bias, initial_state, output_add, bool(delta_softplus), bool(reverse),
-        float(output_scale), forward_config or (FORWARD_CONFIG_FP32 if u.element_size() == 4 else FORWARD_CONFIG),
+        *inputs, bool(delta_softplus), bool(reverse), float(output_scale), forward_config,
         backward_config or BACKWARD_CONFIG,
     )
 

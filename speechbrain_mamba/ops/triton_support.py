@@ -6,6 +6,17 @@ from typing import Optional
 import torch
 
 
+def cdiv(a: int, b: int) -> int:
+    """``ceil(a / b)`` of positive integers on the host (``triton.cdiv`` is a constexpr function, several
+    microseconds per host call: short inputs are bound by the host's time per kernel)."""
+    return -(-a // b)
+
+
+def next_power_of_2(n: int) -> int:
+    """The smallest power of two at least ``n`` (1 for ``n <= 1``), on the host."""
+    return 1 << max(0, n - 1).bit_length()
+
+
 def interpreting() -> bool:
     """Whether Triton kernels run in Triton's CPU interpreter (``TRITON_INTERPRET=1``)."""
     return os.environ.get("TRITON_INTERPRET") == "1"
@@ -20,7 +31,8 @@ def check_32bit_offsets(**tensors: Optional[torch.Tensor]) -> None:
         The kernels' inputs and outputs by name (None is skipped).
     """
     for name, tensor in tensors.items():
-        if tensor is None or not tensor.numel():
+        # Offsets stay below numel x the largest stride: the exact reach is summed only near the limit.
+        if tensor is None or tensor.numel() * max(tensor.stride(), default=1) <= 2**31 - 1:
             continue
         reach = sum((n - 1) * abs(s) for n, s in zip(tensor.shape, tensor.stride()))
         if reach > 2**31 - 1:
