@@ -18,6 +18,7 @@ import argparse
 import re
 import shutil
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -54,6 +55,18 @@ def load_baseline(hparams_file: Path, device: torch.device, weights: Dict[str, t
     modules = torch.nn.ModuleDict(hparams["modules"]).to(device)
     modules.load_state_dict(weights)
     return modules
+
+
+def describe(checkout: Path) -> str:
+    """The checkout's commit, or a note that it has none (e.g. an exported tree inside another repository)."""
+    if not (checkout / ".git").exists():  # a directory, or a file in a worktree
+        return "not a git checkout"
+    try:
+        commit = subprocess.run(["git", "-C", str(checkout), "rev-parse", "--short", "HEAD"], capture_output=True,
+                                text=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "not a git checkout"
+    return f"commit {commit}"
 
 
 def ms_per_call(step: Callable[[], None], calls: int) -> float:
@@ -96,7 +109,7 @@ def main() -> None:
         sys.path.insert(0, folder)
         baseline = load_baseline(hparams_file, device, modules.state_dict())
         lines = [
-            f"# Eager separation, {args.model}, this checkout against {args.baseline}",
+            f"# Eager separation, {args.model}, this checkout against {args.baseline} ({describe(args.baseline)})",
             "",
             f"Machine: {bench_utils.machine_description(device=device)}. "
             f"Scan backend: {bench_utils.scan_backend(device)}.",

@@ -4,11 +4,11 @@ Eager inference of a short mixture takes far longer than its kernels: the CPU
 issuing them is the bottleneck (``profile_model.py``'s "GPU busy" share). This
 script measures, for one model and length:
 
-- the eager step's wall time and its kernels' busy time;
 - the host cost of each piece of a DPMamba-style model, from the whole step
   down to one scan call: ``N`` calls issued back to back, then one
   synchronisation; when the GPU keeps up, wall time / N is what the host pays
-  per call;
+  per call; beside it, the elapsed time of one synchronised call (CUDA events,
+  idle gaps included);
 - Python's profile of the eager step (cProfile, top functions by own time
   and by cumulative time).
 
@@ -47,8 +47,8 @@ def host_us_per_call(call: Callable[[], object], calls: int, repeats: int) -> fl
     return min(runs)
 
 
-def gpu_us_per_call(call: Callable[[], object], calls: int) -> float:
-    """Microseconds of GPU time per call (CUDA events around synchronised calls)."""
+def elapsed_us_per_call(call: Callable[[], object], calls: int) -> float:
+    """Microseconds between CUDA events around one synchronised call (GPU idle gaps included), averaged."""
     total = 0.0
     for _ in range(calls):
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
@@ -127,9 +127,9 @@ def main() -> None:
         "",
         "Host us/call: wall time of calls issued back to back, then one synchronisation, per call "
         f"(the least of {args.repeats} runs). "
-        "GPU us/call: CUDA events around one synchronised call, averaged.",
+        "Elapsed us/call: CUDA events around one synchronised call, averaged (idle gaps included).",
         "",
-        "| piece | host us/call | GPU us/call |",
+        "| piece | host us/call | elapsed us/call |",
         "|---|---|---|",
     ]
     with torch.inference_mode():
@@ -139,14 +139,14 @@ def main() -> None:
         for name, call in rows:
             calls = max(3, args.calls // 10) if name.startswith(("whole", "masknet")) else args.calls
             host = host_us_per_call(call, calls, args.repeats)
-            gpu = gpu_us_per_call(call, min(calls, 10))
+            gpu = elapsed_us_per_call(call, min(calls, 10))
             lines.append(f"| {name} | {host:.1f} | {gpu:.1f} |")
             print(lines[-1], flush=True)
         for other in filter(None, args.compare.split(",")):
             other_modules, other_spks, _ = bench_utils.load_model(bench_utils.HPARAMS_DIR / f"{other}.yaml", device)
             other_step = bench_utils.inference_step(other_modules, other_spks, mixture, "fp32")
             host = host_us_per_call(other_step, max(3, args.calls // 10), args.repeats)
-            lines.append(f"| {other}: whole separation | {host:.1f} | {gpu_us_per_call(other_step, 3):.1f} |")
+            lines.append(f"| {other}: whole separation | {host:.1f} | {elapsed_us_per_call(other_step, 3):.1f} |")
             print(lines[-1], flush=True)
             del other_modules
         profiler = cProfile.Profile()

@@ -15,6 +15,7 @@ import sys
 import pytest
 import torch
 import torch.nn.functional as F
+from torch.autograd import forward_ad
 
 from speechbrain_mamba.ops import causal_conv1d_silu
 from speechbrain_mamba.ops.causal_conv import _resolve_backend, load_triton_conv
@@ -235,6 +236,13 @@ class TestInterpretedKernels:
                 out = conv(x, weight, bias, reverse)
             assert expected.requires_grad and out.grad_fn is None
             assert torch.equal(out, expected.detach())
+
+    def test_triton_refuses_forward_mode_ad_instead_of_dropping_the_tangent(self, kernels):
+        x, weight, bias, _ = make_inputs(1, 5, 4, 4, True, dtype=torch.float32)
+        with forward_ad.dual_level():
+            dual = forward_ad.make_dual(x.detach(), torch.ones_like(x))
+            with pytest.raises(RuntimeError, match="jvp"):
+                self.tiny_triton(kernels)(dual, weight.detach(), bias.detach(), False)
 
     def test_triton_refuses_what_the_kernels_cannot_do(self, kernels, monkeypatch):
         x = torch.zeros(1, 3, 2)

@@ -28,7 +28,7 @@ import torch
 import triton
 import triton.language as tl
 
-from speechbrain_mamba.ops.autograd import needs_autograd
+from speechbrain_mamba.ops.grad_mode import needs_autograd
 from speechbrain_mamba.ops.triton_support import cdiv, check_32bit_offsets, interpreting, next_power_of_2
 
 MAX_KERNEL_SIZE = 8  # the kernels unroll K (forward) and K^2 (backward) tile loads

@@ -28,7 +28,7 @@ from typing import Optional, Tuple
 import torch
 import torch.nn.functional as F
 
-from speechbrain_mamba.ops.autograd import needs_autograd
+from speechbrain_mamba.ops.grad_mode import needs_autograd
 
 
 def _scan_(

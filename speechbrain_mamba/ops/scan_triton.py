@@ -54,13 +54,14 @@ memory bandwidth.
 
 import functools
 from dataclasses import dataclass, field, replace
-from typing import Dict, Optional, Tuple
+from types import MappingProxyType
+from typing import Mapping, Optional, Tuple
 
 import torch
 import triton
 import triton.language as tl
 
-from speechbrain_mamba.ops.autograd import needs_autograd
+from speechbrain_mamba.ops.grad_mode import needs_autograd
 from speechbrain_mamba.ops.triton_support import cdiv, check_32bit_offsets, interpreting, next_power_of_2
 
 _LOG2E = tl.constexpr(1.4426950408889634)
@@ -841,12 +842,15 @@ class _ForwardLaunch:
     num_eblocks: int
     chunks_per_seg: int
     num_seg: int
-    constants: Dict[str, int] = field(hash=False)
+    constants: Mapping[str, int] = field(hash=False)  # read-only: the object is shared through a cache
 
 
 @functools.lru_cache(maxsize=4096)
 def _forward_launch(batch: int, channels: int, length: int, state: int, groups: int,
                     config: ScanConfig) -> _ForwardLaunch:
+    """The forward kernel, grid and tile constants for a scan of these shapes under ``config``: the
+    frame-by-frame kernel with enough rows (split in time when ``sequential_split_programs`` asks),
+    else the chunked one."""
     per_group = channels // groups
     plan = _plan(batch, channels, length, state, per_group, config)
     enough_rows = bool(config.sequential_min_rows) and batch * channels >= config.sequential_min_rows
@@ -855,12 +859,13 @@ def _forward_launch(batch: int, channels: int, length: int, state: int, groups: 
         programs = batch * (channels // block_e)
         chunks_per_seg, num_seg = (plan.num_chunks, 1) if enough_rows else _segments(
             programs, plan.num_chunks, config.sequential_split_programs, config.min_segment_chunks)
-        constants = dict(BLOCK_N=plan.block_n, BLOCK_L=plan.block_l, BLOCK_E=block_e,
-                         PREFETCH=config.sequential_prefetch, UNROLL=min(config.sequential_unroll, plan.block_l),
-                         num_warps=1)
+        constants = MappingProxyType(dict(
+            BLOCK_N=plan.block_n, BLOCK_L=plan.block_l, BLOCK_E=block_e, PREFETCH=config.sequential_prefetch,
+            UNROLL=min(config.sequential_unroll, plan.block_l), num_warps=1))
         return _ForwardLaunch(plan, True, (programs, num_seg), channels // block_e, chunks_per_seg, num_seg,
                               constants)
-    constants = dict(BLOCK_N=plan.block_n, BLOCK_L=plan.block_l, BLOCK_E=plan.block_e, num_warps=plan.num_warps)
+    constants = MappingProxyType(dict(BLOCK_N=plan.block_n, BLOCK_L=plan.block_l, BLOCK_E=plan.block_e,
+                                      num_warps=plan.num_warps))
     return _ForwardLaunch(plan, False, (batch * plan.num_eblocks, plan.num_seg), plan.num_eblocks,
                           plan.chunks_per_seg, plan.num_seg, constants)
 

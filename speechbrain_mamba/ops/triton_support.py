@@ -7,13 +7,37 @@ import torch
 
 
 def cdiv(a: int, b: int) -> int:
-    """``ceil(a / b)`` of positive integers on the host (``triton.cdiv`` is a constexpr function, several
-    microseconds per host call: short inputs are bound by the host's time per kernel)."""
+    """``ceil(a / b)`` on the host, in plain integers.
+
+    ``triton.cdiv`` is a constexpr function, several microseconds per host
+    call; short inputs are bound by the host's time per kernel launch.
+
+    Arguments
+    ---------
+    a, b : int
+        Dividend and (positive) divisor.
+
+    Returns
+    -------
+    int
+        The quotient rounded up.
+    """
     return -(-a // b)
 
 
 def next_power_of_2(n: int) -> int:
-    """The smallest power of two at least ``n`` (1 for ``n <= 1``), on the host."""
+    """The smallest power of two at least ``n``, on the host (as ``triton.next_power_of_2``, but 1 for 0).
+
+    Arguments
+    ---------
+    n : int
+        A non-negative integer.
+
+    Returns
+    -------
+    int
+        A power of two.
+    """
     return 1 << max(0, n - 1).bit_length()
 
 
@@ -31,8 +55,9 @@ def check_32bit_offsets(**tensors: Optional[torch.Tensor]) -> None:
         The kernels' inputs and outputs by name (None is skipped).
     """
     for name, tensor in tensors.items():
-        # Offsets stay below numel x the largest stride: the exact reach is summed only near the limit.
-        if tensor is None or tensor.numel() * max(tensor.stride(), default=1) <= 2**31 - 1:
+        # No offset from the data pointer passes the end of the storage (strides are never negative):
+        # the exact reach is summed only for storages of more than 2**31 elements.
+        if tensor is None or tensor.untyped_storage().nbytes() <= 2**31 * tensor.element_size():
             continue
         reach = sum((n - 1) * abs(s) for n, s in zip(tensor.shape, tensor.stride()))
         if reach > 2**31 - 1:
