@@ -67,10 +67,16 @@ def load_model(
 
     Returns the modules, ``num_spks`` and the whole hparams dictionary.
     """
+    return modules_from_yaml(Path(hparams_file).read_text(), device, overrides)
+
+
+def modules_from_yaml(
+    text: str, device: torch.device, overrides: Union[Dict[str, object], str, None] = None
+) -> Tuple[torch.nn.ModuleDict, int, Dict[str, object]]:
+    """:func:`load_model` from the hparams' YAML text."""
     from hyperpyyaml import load_hyperpyyaml
 
-    with open(hparams_file) as handle:
-        hparams = load_hyperpyyaml(handle, overrides or {})
+    hparams = load_hyperpyyaml(text, overrides or {})
     modules = torch.nn.ModuleDict(hparams["modules"]).to(device)
     return modules, int(hparams["num_spks"]), hparams
 
@@ -196,6 +202,17 @@ def time_and_memory(
             step()
             times.append(1e3 * (time.perf_counter() - start_s))
     return times, peak
+
+
+def back_to_back_ms(step: Callable[[], object], calls: int) -> float:
+    """ms of wall time per call, ``calls`` issued back to back then one CUDA synchronisation: when the GPU
+    keeps up, what the host pays per call."""
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(calls):
+        step()
+    torch.cuda.synchronize()
+    return 1e3 * (time.perf_counter() - start) / calls
 
 
 def synchronize(device: torch.device) -> None:

@@ -21,7 +21,6 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 from typing import Callable, Dict, List
 
@@ -48,11 +47,8 @@ def copy_as_baseline(checkout: Path, into: Path) -> None:
 
 def load_baseline(hparams_file: Path, device: torch.device, weights: Dict[str, torch.Tensor]):
     """The hparams file's modules built from the baseline package, with ``weights`` loaded."""
-    from hyperpyyaml import load_hyperpyyaml
-
     text = re.sub(rf"\b{PACKAGE}\b", BASELINE_PACKAGE, hparams_file.read_text())
-    hparams = load_hyperpyyaml(text)
-    modules = torch.nn.ModuleDict(hparams["modules"]).to(device)
+    modules, _, _ = bench_utils.modules_from_yaml(text, device)
     modules.load_state_dict(weights)
     return modules
 
@@ -69,15 +65,6 @@ def describe(checkout: Path) -> str:
     return f"commit {commit}"
 
 
-def ms_per_call(step: Callable[[], None], calls: int) -> float:
-    torch.cuda.synchronize()
-    start = time.perf_counter()
-    for _ in range(calls):
-        step()
-    torch.cuda.synchronize()
-    return 1e3 * (time.perf_counter() - start) / calls
-
-
 def compare(steps: Dict[str, Callable[[], None]], rounds: int, calls: int) -> Dict[str, List[float]]:
     """ms per call of each step, one entry per round, the order of the two flipped every round."""
     names = list(steps)
@@ -87,7 +74,7 @@ def compare(steps: Dict[str, Callable[[], None]], rounds: int, calls: int) -> Di
     times: Dict[str, List[float]] = {name: [] for name in names}
     for index in range(rounds):
         for name in names if index % 2 == 0 else names[::-1]:
-            times[name].append(ms_per_call(steps[name], calls))
+            times[name].append(bench_utils.back_to_back_ms(steps[name], calls))
     return times
 
 

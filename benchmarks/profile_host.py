@@ -22,7 +22,6 @@ import cProfile
 import io
 import pstats
 import sys
-import time
 from pathlib import Path
 from typing import Callable, List, Tuple
 
@@ -36,15 +35,7 @@ def host_us_per_call(call: Callable[[], object], calls: int, repeats: int) -> fl
     """Microseconds of wall time per call, ``calls`` issued back to back then one synchronisation; the
     least of ``repeats`` such runs (the host's own noise only ever adds time)."""
     call()
-    torch.cuda.synchronize()
-    runs = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        for _ in range(calls):
-            call()
-        torch.cuda.synchronize()
-        runs.append(1e6 * (time.perf_counter() - start) / calls)
-    return min(runs)
+    return 1e3 * min(bench_utils.back_to_back_ms(call, calls) for _ in range(repeats))
 
 
 def elapsed_us_per_call(call: Callable[[], object], calls: int) -> float:

@@ -822,6 +822,13 @@ def _plan(batch: int, channels: int, length: int, state: int, per_group: int, co
                    chunks_per_seg, num_seg)
 
 
+@functools.lru_cache(maxsize=4096)
+def _backward_plan(batch: int, channels: int, length: int, state: int, per_group: int, block_l: int,
+                   config: ScanConfig) -> _Launch:
+    """``_plan`` at the forward pass's chunk size ``block_l`` (the chunk-entering states were stored at it)."""
+    return _plan(batch, channels, length, state, per_group, replace(config, block_l=block_l))
+
+
 def _segments(programs: int, num_chunks: int, min_programs: int, min_segment_chunks: int) -> Tuple[int, int]:
     """(chunks per segment, segments): time split until about ``min_programs`` programs run."""
     num_seg = 1
@@ -933,7 +940,7 @@ def _backward(u, delta, A, B, C, D, z, delta_bias, dy, dlast, chunks, fwd_plan, 
     batch, channels, length = u.shape
     groups, state = B.shape[1], A.shape[1]
     # The chunk-entering states were stored at the forward pass's chunk size.
-    plan = _plan(batch, channels, length, state, channels // groups, replace(config, block_l=fwd_plan.block_l))
+    plan = _backward_plan(batch, channels, length, state, channels // groups, fwd_plan.block_l, config)
     f32 = dict(dtype=torch.float32, device=u.device)
     du, ddelta = _empty_in_layout(u), _empty_in_layout(delta)
     dz = None if z is None else _empty_in_layout(z)
