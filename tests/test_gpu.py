@@ -151,6 +151,39 @@ def test_bimamba_on_gpu_matches_cpu():
     torch.testing.assert_close(out_bf16.float().cpu(), expected, rtol=0.05, atol=0.05)
 
 
+@pytest.mark.parametrize("autocast_dtype", [None, torch.bfloat16], ids=["fp32", "bf16"])
+def test_recomputed_projections_on_gpu_give_the_stored_gradients_in_less_memory(no_tf32, autocast_dtype):
+    """DPMamba-M's intra-chunk stack (4 s, batch 1) on the Triton kernels: the same gradients (the scan's
+    backward sums with atomics: not bitwise), with less memory kept for the backward pass."""
+    from speechbrain_mamba.lobes import MambaStack
+
+    torch.manual_seed(0)
+    stored = MambaStack(256).cuda().train()
+    recomputed = MambaStack(256, recompute_projections=True).cuda().train()
+    recomputed.load_state_dict(stored.state_dict())
+    x = torch.randn(33, 250, 256, device="cuda")
+    weights = torch.randn(256, device="cuda")
+    results = []
+    for stack in (stored, recomputed):
+        inputs = x.clone().requires_grad_()
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        before = torch.cuda.memory_allocated()
+        with torch.autocast("cuda", dtype=autocast_dtype or torch.float32, enabled=autocast_dtype is not None):
+            loss = (stack(inputs).float() * weights).sum()
+        kept = torch.cuda.memory_allocated() - before
+        grads = torch.autograd.grad(loss, [inputs, *stack.parameters()])
+        torch.cuda.synchronize()
+        results.append((kept, torch.cuda.max_memory_allocated() - before, grads))
+    (stored_kept, stored_peak, expected), (recomputed_kept, recomputed_peak, grads) = results
+    tolerance = 1e-4 if autocast_dtype is None else 1e-2
+    for name, got, want in zip(["input", *dict(stored.named_parameters())], grads, expected):
+        assert (got - want).norm() <= tolerance * want.norm().clamp_min(1e-6), name
+    # One block's peak is its backward pass's (the rebuilt tensors with the gradients): about the same.
+    assert recomputed_kept < 0.6 * stored_kept, (recomputed_kept, stored_kept)
+    assert recomputed_peak < 1.1 * stored_peak, (recomputed_peak, stored_peak)
+
+
 def test_cuda_graph_replay_matches_eager_forward():
     from speechbrain_mamba.inference import CUDAGraphCache
     from speechbrain_mamba.separation.separator import separate_mixture
@@ -200,13 +233,16 @@ def _loss_and_gradients(forward, modules, mixture, sources, autocast_dtype):
 
 
 @pytest.mark.parametrize("model,autocast_dtype", [("dpmamba_xs", None), ("dpmamba_xs", torch.bfloat16),
+                                                  ("dpmamba_xs:recompute", torch.bfloat16),
                                                   ("sepmamba_s", None), ("sepmamba_s", torch.bfloat16)])
 def test_training_cuda_graphs_give_the_eager_gradients(no_tf32, model, autocast_dtype):
     from speechbrain_mamba.separation.separator import SeparationForward
     from speechbrain_mamba.utils.cuda_graphs import TrainingCUDAGraphs
     from conftest import load_model_hparams
 
-    modules = torch.nn.ModuleDict(load_model_hparams(model)["modules"]).cuda().train()
+    name, _, variant = model.partition(":")
+    overrides = dict(recompute_projections=True) if variant == "recompute" else {}
+    modules = torch.nn.ModuleDict(load_model_hparams(name, **overrides)["modules"]).cuda().train()
     eager = SeparationForward(modules, 2)
     graphed = TrainingCUDAGraphs(eager, max_graphs=1, min_calls=2)
     optimizer = torch.optim.SGD(modules.parameters(), lr=1e-3)

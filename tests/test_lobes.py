@@ -1,11 +1,15 @@
 """Mamba, BiMamba, the Mamba stack and the fast norm against independent oracles."""
 
+import gc
+import weakref
+
 import pytest
 import torch
 from speechbrain.lobes.models.dual_path import Dual_Path_Model
 
 from speechbrain_mamba.lobes import BiMamba, DualPathModel, Mamba, MambaStack, RMSNorm, SingleGroupNorm
 from speechbrain_mamba.lobes import mamba as mamba_module
+from speechbrain_mamba.utils.recompute import RecomputedActivations
 
 DIRECTION_PARAMS = ["conv1d.weight", "conv1d.bias", "x_proj.weight", "dt_proj.weight", "dt_proj.bias", "A_log", "D"]
 
@@ -126,6 +130,7 @@ def test_stack_runs_a_large_batch_in_groups_without_gradients():
 
 
 @pytest.mark.parametrize("option, value", [("checkpoint_blocks", "yes"), ("checkpoint_blocks", 1),
+                                           ("recompute_projections", None),
                                            ("max_inference_frames", 0), ("max_inference_frames", 1.5)])
 def test_stack_names_a_bad_option(option, value):
     with pytest.raises(ValueError, match=option):
@@ -145,6 +150,79 @@ def test_stack_with_checkpointed_blocks_gives_the_same_gradients():
         grads.append(torch.autograd.grad(loss, [inputs, *stack.parameters()]))
     for expected, actual in zip(*grads):
         torch.testing.assert_close(actual, expected)
+
+
+@pytest.mark.parametrize("bidirectional", [True, False])
+@pytest.mark.parametrize("autocast", [False, True], ids=["fp32", "bf16-autocast"])
+def test_recomputed_projections_are_not_stored_and_give_the_same_gradients(monkeypatch, bidirectional, autocast):
+    """With recompute_projections, the tensors marked in the forward pass (norm output, in_proj output,
+    convolution and projection outputs) are gone once it ends, rebuilt once per block in the backward
+    pass, and the gradients are those of the stored activations."""
+    torch.manual_seed(0)
+    stored = MambaStack(16, num_layers=2, bidirectional=bidirectional)
+    recomputed = MambaStack(16, num_layers=2, bidirectional=bidirectional, recompute_projections=True)
+    recomputed.load_state_dict(stored.state_dict())
+    marked, rebuilds = [], []
+    mark, rebuild = RecomputedActivations._mark, RecomputedActivations._rebuild
+
+    def recording_mark(self, name, tensor):
+        marked.append((name, weakref.ref(tensor)))
+        return mark(self, name, tensor)
+
+    def counting_rebuild(self):
+        rebuilds.append(1)
+        return rebuild(self)
+
+    monkeypatch.setattr(RecomputedActivations, "_mark", recording_mark)
+    monkeypatch.setattr(RecomputedActivations, "_rebuild", counting_rebuild)
+    x = torch.randn(2, 21, 16)
+    grads = []
+    for stack in (stored, recomputed):
+        inputs = x.clone().requires_grad_()
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            loss = (stack(inputs).float() * torch.linspace(-1, 1, 16)).sum()
+        if stack is recomputed:
+            directions = ["", "_b"] if bidirectional else [""]
+            names = ["in_proj_input", "xz"] + [f"{kind}{d}" for d in directions for kind in ("conv", "x_proj", "dt")]
+            assert sorted(name for name, _ in marked) == sorted(names * 2)  # two blocks
+            gc.collect()
+            assert all(ref() is None for _, ref in marked), "a marked tensor outlived the forward pass"
+            assert rebuilds == []
+        grads.append(torch.autograd.grad(loss, [inputs, *stack.parameters()]))
+    assert len(rebuilds) == 2  # once per block
+    for expected, actual in zip(*grads):
+        torch.testing.assert_close(actual, expected, rtol=0, atol=0)
+
+
+def test_a_forward_pass_without_backward_frees_its_graph(monkeypatch):
+    """The recomputation's hooks live in the autograd graph; what they hold must not hold the graph
+    (a cycle through it is never collected): a step whose backward is skipped, e.g. on a
+    non-finite loss, would leak its activations."""
+    alive = []
+    enter = RecomputedActivations.__enter__
+
+    def recording_enter(self):
+        alive.append(weakref.ref(self))
+        return enter(self)
+
+    monkeypatch.setattr(RecomputedActivations, "__enter__", recording_enter)
+    stack = MambaStack(16, num_layers=2, recompute_projections=True)
+    out = stack(torch.randn(2, 9, 16, requires_grad=True))
+    assert len(alive) == 2 and all(ref() is not None for ref in alive)
+    del out
+    gc.collect()
+    assert all(ref() is None for ref in alive)
+
+
+def test_recomputation_is_off_without_gradients_and_with_checkpointed_blocks(monkeypatch):
+    monkeypatch.setattr(RecomputedActivations, "__enter__", lambda self: pytest.fail("recomputation set up"))
+    stack = MambaStack(16, num_layers=2, recompute_projections=True)
+    with torch.no_grad():
+        stack(torch.randn(1, 5, 16))
+    stack.eval()
+    stack(torch.randn(1, 5, 16))
+    assert not any(layer.recompute_projections for layer in MambaStack(16, checkpoint_blocks=True,
+                                                                       recompute_projections=True).layers)
 
 
 def test_stack_state_dict_keys():

@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from speechbrain_mamba.ops import causal_conv1d_silu, resolve_backend, selective_scan
+from speechbrain_mamba.utils.recompute import Mark, RecomputedActivations, keep
 
 
 def _inverse_softplus(x: torch.Tensor) -> torch.Tensor:
@@ -32,6 +33,26 @@ class MambaState(NamedTuple):
 
     conv: torch.Tensor
     ssm: torch.Tensor
+
+
+class _ScanInputs(NamedTuple):
+    """One direction's scan inputs ([B, L, *] channel-last), the backend that scans them, and (streaming)
+    the convolution's new state."""
+
+    u: torch.Tensor
+    dt: torch.Tensor
+    B: torch.Tensor
+    C: torch.Tensor
+    backend: str
+    conv_state: Optional[torch.Tensor]
+
+
+def _in_autocast_dtype(tensor: torch.Tensor) -> torch.Tensor:
+    """``tensor`` in the dtype autocast would cast it to for a matmul (itself outside autocast)."""
+    device = tensor.device.type
+    if torch.is_autocast_enabled(device):
+        return tensor.to(torch.get_autocast_dtype(device))
+    return tensor
 
 
 class Mamba(nn.Module):
@@ -141,9 +162,78 @@ class Mamba(nn.Module):
         D.fill_(1.0)
         D._no_weight_decay = True
 
-    def _scan_direction(
+    def _directions(self) -> Tuple[Tuple[str, bool], ...]:
+        """(parameter-name suffix, reverse) of each direction, in the order they are scanned."""
+        return (("", self.reverse),)
+
+    def _project_in(self, hidden: torch.Tensor, mark: Mark = keep) -> Tuple[torch.Tensor, torch.Tensor]:
+        """``in_proj``, split into ``x`` and the gate ``z``, both [B, L, E] views."""
+        if hidden.dim() != 3 or hidden.shape[-1] != self.d_model:
+            raise ValueError(
+                f"{type(self).__name__} expects [batch, time, {self.d_model}]; "
+                f"got {tuple(hidden.shape)}."
+            )
+        if mark is not keep:
+            # Autocast's own cast, made here so that the copy in_proj saves can be marked too.
+            hidden = mark("in_proj_input", _in_autocast_dtype(hidden))
+        x, z = mark("xz", self.in_proj(hidden)).chunk(2, dim=-1)
+        return x, z
+
+    def scan_inputs(self, hidden: torch.Tensor, mark: Mark = keep) -> Tuple[torch.Tensor, List[_ScanInputs]]:
+        """Everything before the scans: the gate ``z`` and each direction's scan inputs.
+
+        ``mark`` is called on every intermediate (see
+        :class:`~speechbrain_mamba.utils.recompute.RecomputedActivations`).
+        """
+        x, z = self._project_in(hidden, mark)
+        return z, [self._direction_inputs(x, suffix, reverse, mark) for suffix, reverse in self._directions()]
+
+    def _direction_inputs(
         self,
         x: torch.Tensor,
+        suffix: str,
+        reverse: bool,
+        mark: Mark = keep,
+        state: Optional[MambaState] = None,
+        streaming: bool = False,
+    ) -> _ScanInputs:
+        """One direction's convolution, SiLU and projections. ``x``: [B, L, E].
+
+        Activations stay channel-last (time frames of the projections) from
+        ``in_proj`` to ``out_proj``; the scan reads them through transposed
+        views and, on CUDA, writes its output in the same layout, so no
+        transposing copy is made.
+
+        With ``streaming`` (forward direction only) the convolution continues
+        from ``state.conv`` (zeros if ``state`` is None).
+        """
+        conv = getattr(self, "conv1d" + suffix)
+        # Causal conv (anti-causal in reverse: no activation is flipped). Streaming: the
+        # previous chunk's last inputs go before the chunk, and their outputs are dropped.
+        history = self.d_conv - 1
+        conv_state = None
+        if streaming:
+            if state is None:
+                previous = x.new_zeros(x.shape[0], history, x.shape[2])
+            else:
+                previous = state.conv.to(x.dtype).transpose(1, 2)
+            x = torch.cat([previous, x], dim=1)
+            conv_state = x[:, x.shape[1] - history :].transpose(1, 2)
+        # Resolved once for both ops: the PyTorch scans come with the PyTorch convolution.
+        backend = resolve_backend(x, self.scan_backend, None if state is None else state.ssm)
+        conv_backend = "torch" if backend in ("torch", "reference") else None
+        x = mark("conv" + suffix, causal_conv1d_silu(x, conv.weight, conv.bias, reverse=reverse, backend=conv_backend))
+        if streaming:
+            x = x[:, history:]
+        x_dbl = mark("x_proj" + suffix, getattr(self, "x_proj" + suffix)(x))
+        dt, B, C = torch.split(x_dbl, [self.dt_rank, self.d_state, self.d_state], dim=-1)
+        # The dt bias is added in fp32 inside the scan, as mamba-ssm does.
+        dt = mark("dt" + suffix, F.linear(dt, getattr(self, "dt_proj" + suffix).weight))
+        return _ScanInputs(x, dt, B, C, backend, conv_state)
+
+    def _scan(
+        self,
+        inputs: _ScanInputs,
         z: torch.Tensor,
         suffix: str,
         reverse: bool,
@@ -152,81 +242,41 @@ class Mamba(nn.Module):
         output_scale: float = 1.0,
         output_add: Optional[torch.Tensor] = None,
     ) -> Union[torch.Tensor, Tuple[torch.Tensor, MambaState]]:
-        """One direction: conv, SiLU, projections, scan. ``x``, ``z``: [B, L, E].
+        """One direction's selective scan: ``output_scale * y + output_add``, [B, E, L] (a view).
 
-        The scan returns ``output_scale * y + output_add`` (see ``selective_scan``).
-
-        Activations stay channel-last (time frames of the projections) from
-        ``in_proj`` to ``out_proj``; the scan reads them through transposed
-        views and, on CUDA, writes its output in the same layout, so no
-        transposing copy is made. Returns [B, E, L] (a view).
-
-        With ``streaming`` (forward direction only) the convolution continues
-        from ``state.conv`` and the scan from ``state.ssm`` (zeros if ``state``
-        is None), and ``(y, new_state)`` is returned.
+        With ``streaming`` the scan continues from ``state.ssm`` (zeros if
+        ``state`` is None), and ``(y, new_state)`` is returned.
         """
-        conv = getattr(self, "conv1d" + suffix)
-        x_proj = getattr(self, "x_proj" + suffix)
-        dt_proj = getattr(self, "dt_proj" + suffix)
         A_log = getattr(self, "A_log" if not suffix else f"A{suffix}_log")
-        D = getattr(self, "D" + suffix)
-
-        # Causal conv (anti-causal in reverse: no activation is flipped). Streaming: the
-        # previous chunk's last inputs go before the chunk, and their outputs are dropped.
-        history = self.d_conv - 1
-        if streaming:
-            if state is None:
-                previous = x.new_zeros(x.shape[0], history, x.shape[2])
-            else:
-                previous = state.conv.to(x.dtype).transpose(1, 2)
-            x = torch.cat([previous, x], dim=1)
-            conv_state = x[:, x.shape[1] - history :].transpose(1, 2)
-        initial_state = None if state is None else state.ssm
-        # Resolved once for both ops: the PyTorch scans come with the PyTorch convolution.
-        scan_backend = resolve_backend(x, self.scan_backend, initial_state)
-        conv_backend = "torch" if scan_backend in ("torch", "reference") else None
-        x = causal_conv1d_silu(x, conv.weight, conv.bias, reverse=reverse, backend=conv_backend)
-        if streaming:
-            x = x[:, history:]
-
-        dt, B, C = torch.split(x_proj(x), [self.dt_rank, self.d_state, self.d_state], dim=-1)
-        # The dt bias is added in fp32 inside the scan, as mamba-ssm does.
-        dt = F.linear(dt, dt_proj.weight)
         out = selective_scan(
-            x.transpose(1, 2),
-            dt.transpose(1, 2),
+            inputs.u.transpose(1, 2),
+            inputs.dt.transpose(1, 2),
             -torch.exp(A_log.float()),
-            B.transpose(1, 2),
-            C.transpose(1, 2),
-            D=D.float(),
+            inputs.B.transpose(1, 2),
+            inputs.C.transpose(1, 2),
+            D=getattr(self, "D" + suffix).float(),
             z=z.transpose(1, 2),
-            delta_bias=dt_proj.bias.float(),
+            delta_bias=getattr(self, "dt_proj" + suffix).bias.float(),
             delta_softplus=True,
             return_last_state=streaming,
-            initial_state=initial_state,
+            initial_state=None if state is None else state.ssm,
             reverse=reverse,
             output_scale=output_scale,
             output_add=output_add,
-            backend=scan_backend,
+            backend=inputs.backend,
         )
         if not streaming:
             return out
         y, ssm_state = out
-        return y, MambaState(conv_state, ssm_state)
+        return y, MambaState(inputs.conv_state, ssm_state)
 
-    def _project_in(self, hidden: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
-        if hidden.dim() != 3 or hidden.shape[-1] != self.d_model:
-            raise ValueError(
-                f"{type(self).__name__} expects [batch, time, {self.d_model}]; "
-                f"got {tuple(hidden.shape)}."
-            )
-        x, z = self.in_proj(hidden).chunk(2, dim=-1)
-        return x, z
+    def forward(self, hidden: torch.Tensor, mark: Mark = keep) -> torch.Tensor:
+        """[batch, time, d_model] -> [batch, time, d_model], causal in time (anti-causal if reverse).
 
-    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
-        """[batch, time, d_model] -> [batch, time, d_model], causal in time (anti-causal if reverse)."""
-        x, z = self._project_in(hidden)
-        y = self._scan_direction(x, z, "", reverse=self.reverse)
+        ``mark``: see :meth:`scan_inputs`.
+        """
+        z, (inputs,) = self.scan_inputs(hidden, mark)
+        y = self._scan(inputs, z, "", reverse=self.reverse)
         return self.out_proj(y.transpose(1, 2))
 
     def step(
@@ -261,7 +311,8 @@ class Mamba(nn.Module):
         if self.reverse or hasattr(self, "conv1d_b"):
             raise ValueError("Mamba.step streams causal mixers only (not reverse=True, not BiMamba).")
         x, z = self._project_in(hidden)
-        y, state = self._scan_direction(x, z, "", reverse=False, state=state, streaming=True)
+        inputs = self._direction_inputs(x, "", reverse=False, state=state, streaming=True)
+        y, state = self._scan(inputs, z, "", reverse=False, state=state, streaming=True)
         return self.out_proj(y.transpose(1, 2)), state
 
 
@@ -294,12 +345,18 @@ class BiMamba(Mamba):
         super().__init__(d_model, **kwargs)
         self._add_direction("_b")
 
-    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
-        """[batch, time, d_model] -> [batch, time, d_model], sees the whole sequence."""
-        x, z = self._project_in(hidden)
+    def _directions(self) -> Tuple[Tuple[str, bool], ...]:
+        return (("", False), ("_b", True))
+
+    def forward(self, hidden: torch.Tensor, mark: Mark = keep) -> torch.Tensor:
+        """[batch, time, d_model] -> [batch, time, d_model], sees the whole sequence.
+
+        ``mark``: see :meth:`Mamba.scan_inputs`.
+        """
+        z, (forward_inputs, backward_inputs) = self.scan_inputs(hidden, mark)
         # The average of both directions comes out of the second scan (fused in the Triton kernel).
-        half_forward = self._scan_direction(x, z, "", reverse=False, output_scale=0.5)
-        y = self._scan_direction(x, z, "_b", reverse=True, output_scale=0.5, output_add=half_forward)
+        half_forward = self._scan(forward_inputs, z, "", reverse=False, output_scale=0.5)
+        y = self._scan(backward_inputs, z, "_b", reverse=True, output_scale=0.5, output_add=half_forward)
         return self.out_proj(y.transpose(1, 2))
 
 
@@ -346,6 +403,14 @@ class MambaBlock(nn.Module):
         ``"rmsnorm"`` or ``"layernorm"``.
     norm_epsilon : float
         Epsilon of the norm.
+    recompute_projections : bool
+        In training, do not store the norm's output, the projections and the
+        convolutions' outputs for the backward pass: it recomputes them from
+        the residual, which the norm keeps anyway (the selective scan is not
+        run again; its few stored states are kept). About half of a Mamba
+        block's stored activations for about a dozen more kernels per block,
+        whose launches cost most where the GPU waits for the host (short
+        inputs, batch 1, without CUDA graphs). Same gradients.
     **mixer_kwargs
         Passed to the mixer.
 
@@ -363,18 +428,31 @@ class MambaBlock(nn.Module):
         bidirectional: bool = True,
         norm: str = "rmsnorm",
         norm_epsilon: float = 1e-5,
+        recompute_projections: bool = False,
         **mixer_kwargs,
     ):
         super().__init__()
+        _check_bool("recompute_projections", recompute_projections)
         self.norm = _make_norm(norm, d_model, norm_epsilon)
         self.mixer = (BiMamba if bidirectional else Mamba)(d_model, **mixer_kwargs)
+        self.recompute_projections = recompute_projections
 
     def forward(
         self, hidden: torch.Tensor, residual: Optional[torch.Tensor] = None
     ) -> Tuple[torch.Tensor, torch.Tensor]:
         """Returns the new (hidden, residual)."""
         residual = hidden if residual is None else hidden + residual
-        return self.mixer(self.norm(residual)), residual
+        if not (self.recompute_projections and self.training and torch.is_grad_enabled()):
+            return self.mixer(self.norm(residual)), residual
+
+        # Values only (no reference to the autograd graph, which holds this closure through its hooks).
+        residual_values = residual.detach()
+
+        def recompute(mark: Mark) -> None:
+            self.mixer.scan_inputs(self.norm(residual_values), mark)
+
+        with RecomputedActivations(recompute, residual.device.type) as mark:
+            return self.mixer(self.norm(residual), mark), residual
 
     def step(
         self,
@@ -386,6 +464,11 @@ class MambaBlock(nn.Module):
         residual = hidden if residual is None else hidden + residual
         hidden, state = self.mixer.step(self.norm(residual), state)
         return hidden, residual, state
+
+
+def _check_bool(name: str, value: object) -> None:
+    if not isinstance(value, bool):
+        raise ValueError(f"{name} must be True or False; got {value!r}.")
 
 
 def _make_norm(kind: str, d_model: int, eps: float) -> nn.Module:
@@ -430,6 +513,11 @@ class MambaStack(nn.Module):
         In training, keep only each block's inputs for the backward pass and
         run the block again there (activation checkpointing): less memory for
         about one more forward pass of compute.
+    recompute_projections : bool
+        In training, recompute each block's norm, projections and
+        convolutions in the backward pass instead of storing their outputs
+        (see :class:`MambaBlock`); no effect with ``checkpoint_blocks``, which
+        recomputes the whole block.
     **mixer_kwargs
         Passed to every mixer (``d_state``, ``d_conv``, ``expand``, ``scan_backend``, ``reverse``...).
 
@@ -454,18 +542,22 @@ class MambaStack(nn.Module):
         final_norm: bool = True,
         max_inference_frames: Optional[int] = 2**16,
         checkpoint_blocks: bool = False,
+        recompute_projections: bool = False,
         **mixer_kwargs,
     ):
         super().__init__()
         if num_layers < 1:
             raise ValueError(f"MambaStack needs num_layers >= 1; got {num_layers}.")
-        if not isinstance(checkpoint_blocks, bool):
-            raise ValueError(f"checkpoint_blocks must be True or False; got {checkpoint_blocks!r}.")
+        _check_bool("checkpoint_blocks", checkpoint_blocks)
+        _check_bool("recompute_projections", recompute_projections)
         is_int = isinstance(max_inference_frames, int) and not isinstance(max_inference_frames, bool)
         if max_inference_frames is not None and not (is_int and max_inference_frames >= 1):
             raise ValueError(f"max_inference_frames must be a positive int or None; got {max_inference_frames!r}.")
         self.layers = nn.ModuleList(
-            MambaBlock(d_model, bidirectional, norm, norm_epsilon, **mixer_kwargs)
+            MambaBlock(
+                d_model, bidirectional, norm, norm_epsilon,
+                recompute_projections=recompute_projections and not checkpoint_blocks, **mixer_kwargs,
+            )
             for _ in range(num_layers)
         )
         self.norm_f = _make_norm(norm, d_model, norm_epsilon) if final_norm else None
