@@ -180,10 +180,24 @@ class Mamba(nn.Module):
         return x, z
 
     def scan_inputs(self, hidden: torch.Tensor, mark: Mark = keep) -> Tuple[torch.Tensor, List[_ScanInputs]]:
-        """Everything before the scans: the gate ``z`` and each direction's scan inputs.
+        """Everything before the scans: ``in_proj``, then each direction's convolution and projections.
 
-        ``mark`` is called on every intermediate (see
-        :class:`~speechbrain_mamba.utils.recompute.RecomputedActivations`).
+        :class:`MambaBlock` runs it again in the backward pass when it
+        recomputes the projections.
+
+        Arguments
+        ---------
+        hidden : torch.Tensor
+            The mixer's input, [batch, time, d_model].
+        mark : callable
+            Called as ``mark(name, tensor)`` on every intermediate that the
+            backward pass can rebuild (see
+            :class:`~speechbrain_mamba.utils.recompute.RecomputedActivations`);
+            by default nothing is marked.
+
+        Returns
+        -------
+        The gate ``z`` [batch, time, E] and, per direction, its scan inputs.
         """
         x, z = self._project_in(hidden, mark)
         return z, [self._direction_inputs(x, suffix, reverse, mark) for suffix, reverse in self._directions()]
