@@ -62,13 +62,12 @@ class RecomputedActivations:
         # The marked tensors stay referenced until the forward pass ends, so that no other tensor saved
         # in it can take a freed one's address (addresses identify marked storages).
         self._marked: List[torch.Tensor] = []
-        self._hooks: Optional[torch.autograd.graph.saved_tensors_hooks] = None
+        self._hooks = torch.autograd.graph.saved_tensors_hooks(self._pack, self._unpack)
         self._rebuilt: Optional[Dict[str, torch.Tensor]] = None
         self._stored = 0  # handles given out by the forward pass
         self._unused = 0  # handles of the current rebuild not yet used
 
     def __enter__(self) -> Mark:
-        self._hooks = torch.autograd.graph.saved_tensors_hooks(self._pack, self._unpack)
         self._hooks.__enter__()
         return self._mark
 
