@@ -28,6 +28,7 @@ import tempfile
 import time
 from pathlib import Path
 from types import ModuleType
+from typing import Optional
 
 import torch
 
@@ -72,14 +73,17 @@ def ablated_module(name: str, folder: Path) -> ModuleType:
     return module
 
 
-def times(module: ModuleType, inputs: dict, backward_fields: dict, time_forward: bool = False) -> tuple:
-    """(forward ms or None, backward ms) of ``module``'s ``_forward`` / ``_backward`` on ``inputs``."""
+def times(module: ModuleType, inputs: dict, backward_fields: dict, time_forward: bool = False,
+          forward_fields: Optional[dict] = None) -> tuple:
+    """(forward ms or None, backward ms, stored chunk states in bytes) of ``module``'s ``_forward`` /
+    ``_backward`` on ``inputs``; ``*_fields`` replace fields of the default configs."""
     import triton.testing
 
     x = {name: value.detach() for name, value in inputs.items()}
     B, C = x["B"].unsqueeze(1), x["C"].unsqueeze(1)
     fp32 = x["u"].dtype == torch.float32
-    forward_config = module.FORWARD_CONFIG_FP32 if fp32 else module.FORWARD_CONFIG
+    forward_config = module.replace(module.FORWARD_CONFIG_FP32 if fp32 else module.FORWARD_CONFIG,
+                                    **(forward_fields or {}))
     backward_config = module.replace(module.BACKWARD_CONFIG, **backward_fields)
 
     def forward():
@@ -90,13 +94,13 @@ def times(module: ModuleType, inputs: dict, backward_fields: dict, time_forward:
     dy = torch.randn_like(x["u"])
 
     def backward():
-        module._backward(x["u"], x["delta"], x["A"], B, C, x["D"], x["z"], x["delta_bias"], dy, None, chunks,
+        module._backward(x["u"], x["delta"], x["A"], B, C, x["D"], x["z"], x["delta_bias"], None, dy, None, chunks,
                          plan, True, False, 1.0, False, backward_config)
 
     backward()
     bench = dict(warmup=5, rep=40, return_mode="median")
     forward_ms = triton.testing.do_bench(forward, **bench) if time_forward else None
-    return forward_ms, triton.testing.do_bench(backward, **bench)
+    return forward_ms, triton.testing.do_bench(backward, **bench), chunks.numel() * chunks.element_size()
 
 
 def main() -> None:
@@ -107,7 +111,7 @@ def main() -> None:
         for dtype in (torch.float32, torch.bfloat16):
             for shape, batch, channels, length in SHAPES:
                 inputs = make_inputs(batch, channels, length, dtype, False)
-                forward_ms, backward_ms = times(scan_triton, inputs, {}, time_forward=True)
+                forward_ms, backward_ms, _ = times(scan_triton, inputs, {}, time_forward=True)
                 cells = [f"forward {forward_ms:.3f} ms", f"backward {backward_ms:.3f} ms"]
                 for name, fields in SETTINGS.items():
                     cells.append(f"{name} {times(scan_triton, inputs, fields)[1]:.3f}")

@@ -26,14 +26,15 @@ def kernels():
 
 def scan(kernels, backend, inputs, reverse, softplus=True, segments=False, sequential=False,
          sequential_backward=None, y_loss=True, state_loss=True, output_scale=1.0, prefetch=4, unroll=8,
-         split=False, segment_chunks=1):
+         split=False, segment_chunks=1, sequential_block_l=8):
     """Output, last state and the gradients of a weighted loss for one backend.
 
     ``sequential``: the frame-by-frame kernels run the forward pass and, unless
     ``sequential_backward`` says otherwise, the backward pass, loading frames
     ``prefetch`` ahead and unrolling ``unroll`` of them. ``split``: the
     frame-by-frame forward kernel over segments of ``segment_chunks`` chunks,
-    the chunked backward.
+    the chunked backward. ``sequential_block_l``: the frame-by-frame kernels'
+    chunk when they run both passes.
     ``inputs`` may hold an ``output_add``."""
     B, C = inputs["B"], inputs["C"]
     B, C = (B if B.dim() == 4 else B.unsqueeze(1)), (C if C.dim() == 4 else C.unsqueeze(1))
@@ -43,7 +44,8 @@ def scan(kernels, backend, inputs, reverse, softplus=True, segments=False, seque
         def config(frame_by_frame):
             return kernels.ScanConfig(block_e=2, block_l=8, num_warps=1, min_programs=10**6 if segments else 0,
                                       min_segment_chunks=segment_chunks, sequential_min_rows=int(frame_by_frame),
-                                      sequential_block_e=2, sequential_prefetch=prefetch, sequential_unroll=unroll,
+                                      sequential_block_l=sequential_block_l, sequential_block_e=2,
+                                      sequential_prefetch=prefetch, sequential_unroll=unroll,
                                       sequential_split_programs=10**6 if split else 0)
 
         backward = sequential if sequential_backward is None else sequential_backward
@@ -64,7 +66,8 @@ def scan(kernels, backend, inputs, reverse, softplus=True, segments=False, seque
 
 
 def check_against_reference(kernels, inputs, reverse, dtype=torch.float32, **options):
-    kernel_options = ("segments", "sequential", "sequential_backward", "prefetch", "unroll", "split", "segment_chunks")
+    kernel_options = ("segments", "sequential", "sequential_backward", "prefetch", "unroll", "split", "segment_chunks",
+                      "sequential_block_l")
     y_ref, last_ref, grads_ref = scan(kernels, "reference", inputs, reverse, **{
         k: v for k, v in options.items() if k not in kernel_options})
     y, last, grads = scan(kernels, "triton", inputs, reverse, **options)
@@ -111,6 +114,37 @@ def test_one_kind_of_kernel_forward_the_other_backward(kernels, reverse, forward
     inputs = make_inputs(2, 4, 4, 19, 2, with_initial=True)
     check_against_reference(kernels, inputs, reverse, sequential=forward_sequential,
                             sequential_backward=not forward_sequential)
+
+
+@pytest.mark.parametrize("initial", [False, True], ids=["zero-h0", "h0"])
+@pytest.mark.parametrize("reverse", [False, True])
+@pytest.mark.parametrize("forward_sequential", [False, True])
+def test_longer_frame_by_frame_chunks_than_the_chunked_kernels(kernels, forward_sequential, reverse, initial):
+    """With enough rows the frame-by-frame kernels run both passes in chunks of ``sequential_block_l``
+    (16 here) instead of ``block_l`` (8); either backward kernel reads the states stored at the forward
+    pass's chunk, the first chunk's from the initial state."""
+    inputs = make_inputs(2, 4, 4, 45, 2, with_initial=initial)
+    check_against_reference(kernels, inputs, reverse, sequential=forward_sequential, sequential_backward=True,
+                            sequential_block_l=16)
+    check_against_reference(kernels, inputs, reverse, sequential=True, sequential_backward=False,
+                            sequential_block_l=16)
+
+
+@pytest.mark.parametrize("length, block_l, sequential, stored", [
+    (19, 8, False, 2), (16, 8, False, 1), (8, 8, False, 0), (1, 8, False, 0),
+    (45, 16, True, 2), (16, 16, True, 0), (34, 64, True, 0), (250, 64, True, 3),
+])
+def test_the_state_entering_the_first_chunk_is_not_stored(kernels, length, block_l, sequential, stored):
+    """The forward pass keeps ``ceil(L / chunk) - 1`` chunk-entering states: none for DPMamba's 34-frame
+    inter-chunk sequences in chunks of 64 frames, 3 for its 250-frame intra-chunk ones."""
+    inputs = {k: (v.detach() if v is not None else None) for k, v in make_inputs(1, 4, 4, length).items()}
+    config = kernels.ScanConfig(block_e=2, block_l=block_l if not sequential else 8, num_warps=1, min_programs=0,
+                                sequential_min_rows=int(sequential), sequential_block_l=block_l, sequential_block_e=2)
+    _, _, chunks, plan = kernels._forward(
+        inputs["u"], inputs["delta"], inputs["A"], inputs["B"].unsqueeze(1), inputs["C"].unsqueeze(1), inputs["D"],
+        inputs["z"], inputs["delta_bias"], None, True, False, 1.0, None, True, config)
+    assert plan.block_l == block_l
+    assert chunks.shape == (1, 4, stored, 4)
 
 
 @pytest.mark.parametrize("prefetch, unroll", [(1, 8), (3, 2), (11, 4)])
@@ -162,7 +196,7 @@ def test_kernel_choice_and_config_checks(kernels):
     assert kernels._sequential_block_e(33, 512, 512, config) == 16  # DPMamba-M's 4 s intra-chunk scan
     assert kernels._sequential_block_e(250, 512, 512, config) == 32
     assert kernels._sequential_block_e(250, 512, 8, config) == 8  # a B/C group of 8 channels
-    for bad in (dict(sequential_unroll=3), dict(block_l=24), dict(sequential_prefetch=0)):
+    for bad in (dict(sequential_unroll=3), dict(block_l=24), dict(sequential_block_l=48), dict(sequential_prefetch=0)):
         with pytest.raises(ValueError, match="ScanConfig"):
             kernels.ScanConfig(**bad)
 

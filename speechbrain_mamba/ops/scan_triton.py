@@ -30,8 +30,10 @@ two directions this way); ``reverse`` reads the frames from the end, so no
 flipped copy is made.
 
 Training memory: the forward pass keeps only the state entering each chunk of
-``BLOCK_L`` frames, ``(batch, E, ceil(L / BLOCK_L), N)`` fp32; the backward pass
-recomputes the states of a chunk from it, then runs the adjoint recurrence
+``BLOCK_L`` frames after the first (the first chunk's is the initial state),
+``(batch, E, ceil(L / BLOCK_L) - 1, N)`` fp32; the frame-by-frame kernels, when
+both passes take them, store one every ``sequential_block_l`` frames (64). The
+backward pass recomputes the states of a chunk from it, then runs the adjoint recurrence
 ``g_t = C_t dout_t + dA_{t+1} g_{t+1}`` through the chunk in the opposite
 order. Every term of the gradient that needs ``h_{t-1}`` needs it multiplied by
 ``dA_t``, which is ``h_t - dt_t B_t u_t``: no shifted copy of the states is needed.
@@ -91,6 +93,12 @@ class ScanConfig:
         0 never splits.
     min_segment_chunks : int
         Fewest chunks in one segment.
+    sequential_block_l : int
+        Frames per chunk when the frame-by-frame kernels run both passes (a
+        power of two; a smaller one, at least 16, when it pads fewer frames):
+        the forward pass stores the state entering each chunk, the backward
+        pass recomputes a chunk's states into its scratch slot. Longer chunks
+        store fewer states (DPMamba's 34-frame inter-chunk sequences: none).
     sequential_min_rows : int
         Walk time frame by frame (``_scan_fwd_sequential_kernel``,
         ``_scan_bwd_sequential_kernel``) when there are at least this many
@@ -126,6 +134,7 @@ class ScanConfig:
     num_warps: int = 4
     min_programs: int = 1024
     min_segment_chunks: int = 4
+    sequential_block_l: int = 64
     sequential_min_rows: int = 8192
     sequential_block_e: int = 16
     sequential_wide_min_rows: int = 0
@@ -135,7 +144,7 @@ class ScanConfig:
     sequential_unroll: int = 8
 
     def __post_init__(self):
-        powers_of_two = ("block_e", "block_l", "sequential_block_e", "sequential_unroll")
+        powers_of_two = ("block_e", "block_l", "sequential_block_l", "sequential_block_e", "sequential_unroll")
         for name in powers_of_two:
             value = getattr(self, name)
             if value < 1 or value & (value - 1):
@@ -218,6 +227,25 @@ def _segment_start_state(h0_ptr, seg_decay_ptr, seg_state_ptr, state_offs, pid_b
 
 
 @triton.jit
+def _chunk_state_offsets(rows, k, num_chunks, cols, N: tl.constexpr):
+    """Where the state entering chunk ``k`` (> 0) of ``rows`` (``pid_b * E + channel``) is stored: the
+    first chunk's, the initial state, is not."""
+    return (rows * (num_chunks - 1) + k - 1) * N + cols
+
+
+@triton.jit
+def _chunk_entering_state(chunk_ptr, h0_ptr, rows, k, num_chunks, cols, mask, N: tl.constexpr,
+                          HAS_H0: tl.constexpr):
+    """The state entering chunk ``k`` in fp32: stored, or for the first chunk the initial state (zeros
+    without one)."""
+    state = tl.load(chunk_ptr + _chunk_state_offsets(rows, k, num_chunks, cols, N), mask=mask & (k > 0),
+                    other=0.0)
+    if HAS_H0:
+        state += tl.load(h0_ptr + rows * N + cols, mask=mask & (k == 0), other=0.0).to(tl.float32)
+    return state
+
+
+@triton.jit
 def _scan_fwd_kernel(
     u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, h0_ptr, add_ptr,
     y_ptr, last_ptr, chunk_ptr, seg_decay_ptr, seg_state_ptr,
@@ -272,8 +300,8 @@ def _scan_fwd_kernel(
     k_end = tl.minimum(k_begin + chunks_per_seg, num_chunks)
     for k in range(k_begin, k_end):
         if STORE_CHUNKS:
-            tl.store(chunk_ptr + ((pid_b * E + offs_e[:, None]) * num_chunks + k) * N + offs_n[None, :],
-                     state, mask=en_mask)
+            tl.store(chunk_ptr + _chunk_state_offsets(pid_b * E + offs_e[:, None], k, num_chunks, offs_n[None, :], N),
+                     state, mask=en_mask & (k > 0))
         if REVERSE:
             t = L - (k + 1) * BLOCK_L + offs_l
         else:
@@ -424,8 +452,8 @@ def _scan_fwd_sequential_kernel(
                                      LOAD_OUTPUT_INPUTS, LOAD_Z, LOAD_ADD),)
     for k in range(k_begin, k_end):
         if STORE_CHUNKS:
-            tl.store(chunk_ptr + ((pid_b * E + offs_e[:, None]) * num_chunks + k) * N + offs_n[None, :],
-                     state, mask=en_mask)
+            tl.store(chunk_ptr + _chunk_state_offsets(pid_b * E + offs_e[:, None], k, num_chunks, offs_n[None, :], N),
+                     state, mask=en_mask & (k > 0))
         for step in range(0, BLOCK_L // UNROLL):
             for i in tl.static_range(UNROLL):
                 frame = k * BLOCK_L + step * UNROLL + i  # index in scan order
@@ -461,7 +489,7 @@ def _scan_fwd_sequential_kernel(
 
 @triton.jit
 def _scan_bwd_kernel(
-    u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, dy_ptr, dlast_ptr, chunk_ptr,
+    u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, h0_ptr, dy_ptr, dlast_ptr, chunk_ptr,
     seg_decay_ptr, seg_grad_ptr,
     du_ptr, ddelta_ptr, dA_ptr, dB_ptr, dC_ptr, dD_ptr, dz_ptr, dbias_ptr, dh0_ptr,
     E, L, per_group, groups, num_eblocks, num_chunks, chunks_per_seg, num_seg, out_scale,
@@ -469,8 +497,9 @@ def _scan_bwd_kernel(
     sdu_b, sdu_e, sdu_l, sdd_b, sdd_e, sdd_l, sdz_b, sdz_e, sdz_l,
     sB_b, sB_g, sB_n, sB_l, sC_b, sC_g, sC_n, sC_l,
     N: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_L: tl.constexpr,
-    HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_DLAST: tl.constexpr,
-    SOFTPLUS: tl.constexpr, REVERSE: tl.constexpr, SUMMARY: tl.constexpr, STORE_DH0: tl.constexpr,
+    HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_H0: tl.constexpr,
+    HAS_DLAST: tl.constexpr, SOFTPLUS: tl.constexpr, REVERSE: tl.constexpr, SUMMARY: tl.constexpr,
+    STORE_DH0: tl.constexpr,
 ):
     """Backward pass of one channel block over one segment of one sequence.
 
@@ -512,7 +541,7 @@ def _scan_bwd_kernel(
     B_seq = B_ptr + pid_b * sB_b + group * sB_g
     C_seq = C_ptr + pid_b * sC_b + group * sC_g
     bc_grad_seq = (pid_b * groups + group) * N * L  # dB, dC: contiguous fp32
-    chunk_row = chunk_ptr + (pid_b * E + offs_e) * num_chunks * N
+    rows = pid_b * E + offs_e
     state_offs = (pid_b * E + offs_e[:, None]) * N + offs_n[None, :]
 
     q = tl.zeros([BLOCK_E, BLOCK_N], tl.float32)
@@ -579,7 +608,7 @@ def _scan_bwd_kernel(
                                           _state_column(decay, offs_n, n) * _last(dA * g_cum, offs_l, FIRST))
             else:
                 B_n = tl.load(B_seq + n * sB_n + t * sB_l, mask=mask_t, other=0.0).to(tl.float32)
-                h_in = tl.load(chunk_row + k * N + n)
+                h_in = _chunk_entering_state(chunk_ptr, h0_ptr, rows, k, num_chunks, n, offs_e >= 0, N, HAS_H0)
                 drive = dtu * B_n[None, :]
                 h_cum, h = tl.associative_scan((dA, drive), 1, _pair_combine, reverse=REVERSE)
                 h = h_cum * h_in[:, None] + h
@@ -638,7 +667,7 @@ def _load_adjoint_frame(i, k, L, u_row, d_row, dy_row, z_row, B_seq, C_seq, scra
 
 @triton.jit
 def _scan_bwd_sequential_kernel(
-    u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, dy_ptr, dlast_ptr, chunk_ptr, scratch_ptr,
+    u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, h0_ptr, dy_ptr, dlast_ptr, chunk_ptr, scratch_ptr,
     du_ptr, ddelta_ptr, dA_ptr, dB_part_ptr, dC_part_ptr, dD_ptr, dz_ptr, dbias_ptr, dh0_ptr,
     E, L, per_group, num_eblocks, num_chunks, out_scale,
     su_b, su_e, su_l, sd_b, sd_e, sd_l, sz_b, sz_e, sz_l, sy_b, sy_e, sy_l,
@@ -646,8 +675,8 @@ def _scan_bwd_sequential_kernel(
     sB_b, sB_g, sB_n, sB_l, sC_b, sC_g, sC_n, sC_l,
     N: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_L: tl.constexpr,
     PREFETCH: tl.constexpr, UNROLL: tl.constexpr,
-    HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_DLAST: tl.constexpr,
-    SOFTPLUS: tl.constexpr, REVERSE: tl.constexpr, STORE_DH0: tl.constexpr,
+    HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_H0: tl.constexpr,
+    HAS_DLAST: tl.constexpr, SOFTPLUS: tl.constexpr, REVERSE: tl.constexpr, STORE_DH0: tl.constexpr,
 ):
     """Backward pass of one channel block of one sequence, one frame at a time.
 
@@ -701,8 +730,8 @@ def _scan_bwd_sequential_kernel(
     grad_bias = tl.zeros([BLOCK_E], tl.float32)
     for j in range(0, num_chunks):
         k = num_chunks - 1 - j
-        h = tl.load(chunk_ptr + ((pid_b * E + offs_e[:, None]) * num_chunks + k) * N + offs_n[None, :],
-                    mask=en_mask, other=0.0)
+        h = _chunk_entering_state(chunk_ptr, h0_ptr, pid_b * E + offs_e[:, None], k, num_chunks, offs_n[None, :],
+                                  en_mask, N, HAS_H0)
         # States of the chunk, in scan order, into the scratch slot. As in the forward kernel, frames
         # are loaded PREFETCH frames ahead (the queue restarts in each chunk) and UNROLL frames are
         # unrolled per step. Only u, delta and B are needed: the frames ahead carry those three.
@@ -856,11 +885,14 @@ class _ForwardLaunch:
 def _forward_launch(batch: int, channels: int, length: int, state: int, groups: int,
                     config: ScanConfig) -> _ForwardLaunch:
     """The forward kernel, grid and tile constants for a scan of these shapes under ``config``: the
-    frame-by-frame kernel with enough rows (split in time when ``sequential_split_programs`` asks),
-    else the chunked one."""
+    frame-by-frame kernel with enough rows, in chunks of ``sequential_block_l`` (split in time when
+    ``sequential_split_programs`` asks, in the chunks the chunked backward kernel reads), else the
+    chunked one."""
     per_group = channels // groups
-    plan = _plan(batch, channels, length, state, per_group, config)
     enough_rows = bool(config.sequential_min_rows) and batch * channels >= config.sequential_min_rows
+    if enough_rows:
+        config = replace(config, block_l=config.sequential_block_l)
+    plan = _plan(batch, channels, length, state, per_group, config)
     if enough_rows or config.sequential_split_programs:
         block_e = _sequential_block_e(batch, channels, per_group, config)
         programs = batch * (channels // block_e)
@@ -905,7 +937,7 @@ def _forward(u, delta, A, B, C, D, z, delta_bias, initial_state, softplus, rever
     y = _empty_in_layout(u)
     last = torch.empty(batch, channels, state, **f32)
     # Buffers a launch does not touch are passed as ``last`` (no allocation).
-    chunks = torch.empty(batch, channels, launch.plan.num_chunks, state, **f32) if store_chunks else None
+    chunks = torch.empty(batch, channels, launch.plan.num_chunks - 1, state, **f32) if store_chunks else None
     if launch.num_seg > 1:
         seg_decay = torch.empty(batch, channels, launch.num_seg, state, **f32)
         seg_state = torch.empty_like(seg_decay)
@@ -917,7 +949,7 @@ def _forward(u, delta, A, B, C, D, z, delta_bias, initial_state, softplus, rever
         u if delta_bias is None else delta_bias.contiguous(),
         u if initial_state is None else initial_state.contiguous(),
         u if output_add is None else output_add,
-        y, last, last if chunks is None else chunks, seg_decay, seg_state,
+        y, last, last if chunks is None or chunks.numel() == 0 else chunks, seg_decay, seg_state,
         channels, length, channels // B.shape[1], launch.num_eblocks, launch.plan.num_chunks,
         launch.chunks_per_seg, launch.num_seg, output_scale,
         *u.stride(), *delta.stride(), *_strides3(z, u), *_strides3(output_add, u), *y.stride(),
@@ -935,8 +967,8 @@ def _forward(u, delta, A, B, C, D, z, delta_bias, initial_state, softplus, rever
     return y, last, chunks, launch.plan
 
 
-def _backward(u, delta, A, B, C, D, z, delta_bias, dy, dlast, chunks, fwd_plan, softplus, reverse, output_scale,
-              want_dh0, config):
+def _backward(u, delta, A, B, C, D, z, delta_bias, initial_state, dy, dlast, chunks, fwd_plan, softplus, reverse,
+              output_scale, want_dh0, config):
     batch, channels, length = u.shape
     groups, state = B.shape[1], A.shape[1]
     # The chunk-entering states were stored at the forward pass's chunk size.
@@ -949,14 +981,16 @@ def _backward(u, delta, A, B, C, D, z, delta_bias, dy, dlast, chunks, fwd_plan, 
     dbias = None if delta_bias is None else torch.zeros(channels, **f32)
     dh0 = torch.empty(batch, channels, state, **f32) if want_dh0 else None
     inputs = [u, delta, A.contiguous(), B, C, u if D is None else D.contiguous(), u if z is None else z,
-              u if delta_bias is None else delta_bias.contiguous(), dy,
-              u if dlast is None else dlast.contiguous(), chunks]
+              u if delta_bias is None else delta_bias.contiguous(),
+              u if initial_state is None else initial_state.contiguous(), dy,
+              u if dlast is None else dlast.contiguous(), chunks if chunks.numel() else dA]
     strides = [*u.stride(), *delta.stride(), *_strides3(z, u), *dy.stride(), *du.stride(), *ddelta.stride(),
                *_strides3(dz, du), *B.stride(), *C.stride()]
     flags = dict(
         N=state, BLOCK_N=plan.block_n, BLOCK_L=plan.block_l,
         HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=delta_bias is not None,
-        HAS_DLAST=dlast is not None, SOFTPLUS=softplus, REVERSE=reverse, STORE_DH0=want_dh0,
+        HAS_H0=initial_state is not None, HAS_DLAST=dlast is not None, SOFTPLUS=softplus, REVERSE=reverse,
+        STORE_DH0=want_dh0,
     )
     per_group = channels // groups
     sequential_block_e = _sequential_block_e(batch, channels, per_group, config)
@@ -1010,10 +1044,9 @@ class _TritonScan(torch.autograd.Function):
         y, last, chunks, plan = _forward(u, delta, A, B, C, D, z, delta_bias, initial_state, softplus, reverse,
                                          output_scale, output_add, store, fwd_config)
         if store:
-            ctx.save_for_backward(u, delta, A, B, C, D, z, delta_bias, chunks)
+            ctx.save_for_backward(u, delta, A, B, C, D, z, delta_bias, initial_state, chunks)
             ctx.plan, ctx.softplus, ctx.reverse, ctx.bwd_config = plan, softplus, reverse, bwd_config
             ctx.output_scale = output_scale
-            ctx.h0_dtype = None if initial_state is None else initial_state.dtype
         return y, last
 
     @staticmethod
@@ -1022,18 +1055,18 @@ class _TritonScan(torch.autograd.Function):
         d_add = dy if ctx.needs_input_grad[9] else None
         if not any(ctx.needs_input_grad[:9]):
             return (None,) * 9 + (d_add,) + (None,) * 5
-        u, delta, A, B, C, D, z, delta_bias, chunks = ctx.saved_tensors
+        u, delta, A, B, C, D, z, delta_bias, initial_state, chunks = ctx.saved_tensors
         if dy is None:
             dy = torch.zeros_like(u)
         want_dh0 = ctx.needs_input_grad[8]
         du, ddelta, dA, dB, dC, dD, dz, dbias, dh0 = _backward(
-            u, delta, A, B, C, D, z, delta_bias, dy, dlast, chunks, ctx.plan, ctx.softplus, ctx.reverse,
+            u, delta, A, B, C, D, z, delta_bias, initial_state, dy, dlast, chunks, ctx.plan, ctx.softplus, ctx.reverse,
             ctx.output_scale, want_dh0, ctx.bwd_config,
         )
         cast = lambda grad, like: None if grad is None else grad.to(like.dtype)  # noqa: E731
         return (
             du, ddelta, dA.to(A.dtype), dB.to(B.dtype), dC.to(C.dtype), cast(dD, D), dz, cast(dbias, delta_bias),
-            None if dh0 is None else dh0.to(ctx.h0_dtype), d_add, None, None, None, None, None,
+            None if dh0 is None else dh0.to(initial_state.dtype), d_add, None, None, None, None, None,
         )
 
 
