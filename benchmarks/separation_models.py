@@ -408,8 +408,8 @@ def target_lines(table: Table, anchors: Dict[str, dict], lengths: List[float]) -
     lines = ["| target | verdict | ratios |", "|---|---|---|"]
     dtypes = ("fp32", "bf16")
 
-    def ratios(kind, dtype, seconds, batch, field):
-        return table.ratio("dpmamba_m", "sepformer", kind, dtype, seconds, batch, field)
+    def ratios(kind, dtype, seconds, batch, field, model="dpmamba_m"):
+        return table.ratio(model, "sepformer", kind, dtype, seconds, batch, field)
 
     for field, limit, what in (("time_ms", 0.5, "time"), ("mem_mib", 0.3, "memory")):
         values = [ratios("infer", d, 60, 1, field) for d in dtypes]
@@ -421,10 +421,14 @@ def target_lines(table: Table, anchors: Dict[str, dict], lengths: List[float]) -
                  "fp32+bf16 | "
                  f"{verdict(values, 1.0)} | {', '.join(map(fmt_ratio, values))} |")
     train_seconds = sorted({key[3] for key in table.by_key if key[1] == "train"})
-    for field, limit, what in (("time_ms", 0.7, "time"), ("mem_mib", 0.5, "memory")):
-        values = [ratios("train", "bf16", s, b, field) for s in train_seconds for b in TRAIN_BATCHES]
-        lines.append(f"| DPMamba-M train step bf16 {what} <= {limit}x Sepformer (batch 1, 4) | "
-                     f"{verdict(values, limit)} | {', '.join(map(fmt_ratio, values))} |")
+    # Options measured beside the default (``dpmamba_m:recompute_projections=true``) get their own verdicts.
+    variants = sorted({key[0] for key in table.by_key if key[0].startswith("dpmamba_m:") and key[1] == "train"})
+    for model in ["dpmamba_m", *variants]:
+        name = "DPMamba-M" + (f" ({model.split(':', 1)[1]})" if ":" in model else "")
+        for field, limit, what in (("time_ms", 0.7, "time"), ("mem_mib", 0.5, "memory")):
+            values = [ratios("train", "bf16", s, b, field, model) for s in train_seconds for b in TRAIN_BATCHES]
+            lines.append(f"| {name} train step bf16 {what} <= {limit}x Sepformer (batch 1, 4) | "
+                         f"{verdict(values, limit)} | {', '.join(map(fmt_ratio, values))} |")
     anchor = anchors.get("sepmamba_m")
     if anchor:
         values, labels = [], []
