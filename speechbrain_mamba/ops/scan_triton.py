@@ -380,6 +380,14 @@ def _load_frame(t, L, u_row, d_row, z_row, extra_row, B_seq, C_seq, su_l, sd_l, 
 
 
 @triton.jit
+def _steps_in_chunk(k, L, BLOCK_L: tl.constexpr, UNROLL: tl.constexpr):
+    """Steps of ``UNROLL`` frames that cover chunk ``k``'s frames inside the sequence: a short sequence's
+    padding frames, which would change nothing, are not walked (DPMamba's 34-frame inter-chunk
+    sequences in 64-frame chunks walk 40 frames, not 64)."""
+    return (tl.minimum(L - k * BLOCK_L, BLOCK_L) + UNROLL - 1) // UNROLL
+
+
+@triton.jit
 def _scan_fwd_sequential_kernel(
     u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, h0_ptr, add_ptr,
     y_ptr, last_ptr, chunk_ptr, seg_decay_ptr, seg_state_ptr,
@@ -454,7 +462,7 @@ def _scan_fwd_sequential_kernel(
         if STORE_CHUNKS:
             tl.store(chunk_ptr + _chunk_state_offsets(pid_b * E + offs_e[:, None], k, num_chunks, offs_n[None, :], N),
                      state, mask=en_mask & (k > 0))
-        for step in range(0, BLOCK_L // UNROLL):
+        for step in range(0, _steps_in_chunk(k, L, BLOCK_L, UNROLL)):
             for i in tl.static_range(UNROLL):
                 frame = k * BLOCK_L + step * UNROLL + i  # index in scan order
                 t = _frame_time(frame, L, REVERSE)
@@ -740,7 +748,7 @@ def _scan_bwd_sequential_kernel(
             ahead = ahead + (_load_frame(_frame_time(k * BLOCK_L + p, L, REVERSE), L, u_row, d_row, z_row, dy_row,
                                          B_seq, C_seq, su_l, sd_l, sz_l, sy_l, sB_l, sC_l, n_mask, True,
                                          False, False, False)[:3],)
-        for step in range(0, BLOCK_L // UNROLL):
+        for step in range(0, _steps_in_chunk(k, L, BLOCK_L, UNROLL)):
             for f in tl.static_range(UNROLL):
                 i = step * UNROLL + f
                 t = _frame_time(k * BLOCK_L + i, L, REVERSE)
@@ -755,14 +763,16 @@ def _scan_bwd_sequential_kernel(
                 tl.store(scratch + i * (BLOCK_E * BLOCK_N), h)
         # The scratch slot is written and read by the same threads (same layout), but make it explicit.
         tl.debug_barrier()
-        # The adjoint walk is not unrolled (unrolled, the kernel takes minutes to compile).
+        # The adjoint walk is not unrolled (unrolled, the kernel takes minutes to compile); it starts at
+        # the chunk's last frame inside the sequence.
+        frames = tl.minimum(L - k * BLOCK_L, BLOCK_L)
         ahead = ()
         for p in tl.static_range(_ADJOINT_PREFETCH):
-            ahead = ahead + (_load_adjoint_frame(BLOCK_L - 1 - p, k, L, u_row, d_row, dy_row, z_row, B_seq, C_seq,
+            ahead = ahead + (_load_adjoint_frame(frames - 1 - p, k, L, u_row, d_row, dy_row, z_row, B_seq, C_seq,
                                                  scratch, su_l, sd_l, sy_l, sz_l, sB_l, sC_l, n_mask, BLOCK_E,
                                                  BLOCK_N, BLOCK_L, HAS_Z, REVERSE),)
-        for r in range(0, BLOCK_L):
-            i = BLOCK_L - 1 - r
+        for r in range(0, frames):
+            i = frames - 1 - r
             t = _frame_time(k * BLOCK_L + i, L, REVERSE)
             valid = (t >= 0) & (t < L)
             u, delta, dy, B_t, C_t, z, h = ahead[0]
