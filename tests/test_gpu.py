@@ -249,22 +249,31 @@ def test_training_cuda_graphs_give_the_eager_gradients(no_tf32, model, autocast_
     generator = torch.Generator(device="cuda").manual_seed(0)
     # The first call of a shape runs eagerly, the second captures, later ones replay with new data and the
     # parameters the optimizer updated in place; a second shape runs eagerly (max_graphs=1). Eager SepMamba
-    # is not bitwise reproducible itself (two eager backward passes differ by up to ~2e-3 of a parameter's
-    # largest gradient on an H100), hence tolerances on relative L2 errors.
+    # is not bitwise reproducible itself (the chunked backward scan adds dB, dC and dA with atomics: two
+    # eager backward passes differ by up to ~2e-3 of a parameter's largest gradient on an H100 in fp32, by
+    # up to 1.5 % of the L2 norm under bf16 autocast), hence tolerances on relative L2 errors, widened to
+    # twice the spread between two eager passes of the same step where that is larger.
     tolerance = 1e-3 if autocast_dtype is None else 2e-2
+
+    def relative_error(got, want):
+        return (torch.cat([g.flatten() for g in got]) - torch.cat([g.flatten() for g in want])).norm() / torch.cat(
+            [g.flatten() for g in want]).norm()
+
     for step, shape in enumerate([(2, 4000)] * 4 + [(1, 3000)]):
         mixture = torch.randn(*shape, device="cuda", generator=generator)
         sources = torch.randn(*shape, 2, device="cuda", generator=generator)
         expected_loss, expected_grads = _loss_and_gradients(eager, modules, mixture, sources, autocast_dtype)
+        _, repeated_grads = _loss_and_gradients(eager, modules, mixture, sources, autocast_dtype)
+        allowed = max(tolerance, 2 * relative_error(repeated_grads, expected_grads).item())
         loss, grads = _loss_and_gradients(graphed, modules, mixture, sources, autocast_dtype)
         assert loss == pytest.approx(expected_loss, rel=tolerance), f"step {step}"
-        flat_got, flat_want = torch.cat([g.flatten() for g in grads]), torch.cat([g.flatten() for g in expected_grads])
-        assert (flat_got - flat_want).norm() <= tolerance * flat_want.norm(), f"step {step}"
+        error = relative_error(grads, expected_grads).item()
+        assert error <= allowed, f"step {step}: {error:.4f} against {allowed:.4f} (eager against eager: half that)"
         # Per parameter, those whose gradient is not ~0 (SI-SNR's offset invariance zeroes the output bias's).
         largest = max(g.norm() for g in expected_grads)
         for name, got, want in zip(dict(modules.named_parameters()), grads, expected_grads):
             if want.norm() > 1e-3 * largest:
-                assert (got - want).norm() <= 10 * tolerance * want.norm(), f"step {step}, {name}"
+                assert (got - want).norm() <= 10 * allowed * want.norm(), f"step {step}, {name}"
         for parameter, grad in zip(modules.parameters(), grads):
             parameter.grad = grad
         optimizer.step()
