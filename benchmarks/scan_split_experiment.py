@@ -1,10 +1,11 @@
-"""Few long sequences (SepMamba's stages): the chunked forward kernel vs the frame-by-frame one over segments.
+"""Few long sequences (SepMamba's stages): the chunked kernels vs the frame-by-frame ones over segments.
 
-Below ``sequential_min_rows`` (sequences x channels), the frame-by-frame forward kernel splits time into
-segments until about ``sequential_split_programs`` programs run; 0 runs the chunked kernels instead. This
-script times both on SepMamba-M's stage shapes (``gpu_scan_kernels.py``'s inputs, timing and byte counts):
-the forward pass for several program targets, forward + backward (the backward is the chunked kernel either
-way) for 0 and the default. Prints one line per shape: ms, GB/s, peak MiB, first call's time (compilation).
+Below ``sequential_min_rows`` (sequences x channels), the frame-by-frame kernels split time into segments
+until about ``sequential_split_programs`` programs run; 0 runs the chunked kernels instead. This script
+times both on SepMamba-M's stage shapes (``gpu_scan_kernels.py``'s inputs, timing and byte counts): the
+forward pass for several program targets of the forward config; forward + backward at the default forward
+config for several program targets of the backward config (``b0``: the chunked backward kernel). Prints one
+line per shape: ms, GB/s, peak MiB, first call's time (compilation).
 
 Usage (from the repository root, on a GPU)::
 
@@ -37,6 +38,9 @@ def main() -> None:
             BACKENDS[f"s{target}-{dtype}"] = functools.partial(
                 scan_triton.selective_scan_triton,
                 forward_config=scan_triton.replace(base, sequential_split_programs=target))
+            BACKENDS[f"b{target}-{dtype}"] = functools.partial(
+                scan_triton.selective_scan_triton, forward_config=base,
+                backward_config=scan_triton.replace(scan_triton.BACKWARD_CONFIG, sequential_split_programs=target))
     print(header(), flush=True)
     for dtype in ("fp32", "bf16"):
         for backward in (False, True):
@@ -46,11 +50,12 @@ def main() -> None:
                 inputs = make_inputs(batch, channels, length, torch.float32 if dtype == "fp32" else torch.bfloat16,
                                      backward)
                 cells = []
-                for target in (TARGETS if not backward else (0, scan_triton.FORWARD_CONFIG.sequential_split_programs)):
+                for target in TARGETS:
                     first = time.monotonic()
-                    ms, mib = time_point(f"s{target}-{dtype}", inputs, backward)
+                    name = f"{'b' if backward else 's'}{target}"
+                    ms, mib = time_point(f"{name}-{dtype}", inputs, backward)
                     gbs = bytes_moved(batch, channels, length, inputs["u"].dtype, backward) / ms / 1e6
-                    cells.append(f"s{target}={ms:.3f}ms/{gbs:.0f}GBps/{mib:.0f}MiB(c{time.monotonic() - first:.0f}s)")
+                    cells.append(f"{name}={ms:.3f}ms/{gbs:.0f}GBps/{mib:.0f}MiB(c{time.monotonic() - first:.0f}s)")
                 print(f"[{time.monotonic() - start:.0f}s] {'fwd+bwd' if backward else 'fwd'} {dtype} {name}: "
                       + " ".join(cells), flush=True)
 

@@ -32,8 +32,9 @@ def scan(kernels, backend, inputs, reverse, softplus=True, segments=False, seque
     ``sequential``: the frame-by-frame kernels run the forward pass and, unless
     ``sequential_backward`` says otherwise, the backward pass, loading frames
     ``prefetch`` ahead and unrolling ``unroll`` of them. ``split``: the
-    frame-by-frame forward kernel over segments of ``segment_chunks`` chunks,
-    the chunked backward. ``sequential_block_l``: the frame-by-frame kernels'
+    frame-by-frame kernels over segments of ``segment_chunks`` chunks (the
+    backward one unless ``sequential_backward`` is False: the chunked one,
+    over the same segments). ``sequential_block_l``: the frame-by-frame kernels'
     chunk when they run both passes.
     ``inputs`` may hold an ``output_add``."""
     B, C = inputs["B"], inputs["C"]
@@ -41,16 +42,17 @@ def scan(kernels, backend, inputs, reverse, softplus=True, segments=False, seque
     args = (inputs["u"], inputs["delta"], inputs["A"], B, C, inputs["D"], inputs["z"], inputs["delta_bias"],
             softplus, inputs["initial_state"], reverse, output_scale, inputs.get("output_add"))
     if backend == "triton":
-        def config(frame_by_frame):
+        def config(frame_by_frame, split_time):
             return kernels.ScanConfig(block_e=2, block_l=8, num_warps=1, min_programs=10**6 if segments else 0,
                                       min_segment_chunks=segment_chunks, sequential_min_rows=int(frame_by_frame),
                                       sequential_block_l=sequential_block_l, sequential_block_e=2,
                                       sequential_prefetch=prefetch, sequential_unroll=unroll,
-                                      sequential_split_programs=10**6 if split else 0)
+                                      sequential_split_programs=10**6 if split_time else 0)
 
         backward = sequential if sequential_backward is None else sequential_backward
-        y, last = kernels.selective_scan_triton(*args, forward_config=config(sequential),
-                                                backward_config=config(backward))
+        y, last = kernels.selective_scan_triton(
+            *args, forward_config=config(sequential, split),
+            backward_config=config(backward, split and sequential_backward is not False))
     else:
         y, last = selective_scan_reference(*args)
     loss = 0.0
@@ -101,7 +103,7 @@ def test_triton_matches_reference(kernels, case, forward_kernel):
     """``sequential``: the frame-by-frame kernels, forward and backward."""
     batch, channels, state, length, groups, with_D, with_z, with_bias, with_initial, reverse, segments = case
     if segments and forward_kernel == "sequential":
-        pytest.skip("test_frame_by_frame_forward_over_segments_of_time splits the frame-by-frame forward kernel")
+        pytest.skip("test_frame_by_frame_kernels_over_segments_of_time splits the frame-by-frame kernels")
     inputs = make_inputs(batch, channels, state, length, groups, with_D=with_D, with_z=with_z,
                          with_bias=with_bias, with_initial=with_initial)
     check_against_reference(kernels, inputs, reverse, segments=segments, sequential=forward_kernel == "sequential")
@@ -158,25 +160,29 @@ def test_frames_loaded_ahead_across_chunks(kernels, reverse, prefetch, unroll):
                             output_scale=0.5)
 
 
+@pytest.mark.parametrize("backward_kernel", ["frame-by-frame", "chunked"])
 @pytest.mark.parametrize("case", [c for c in CASES if c[3] > 1], ids=lambda c: f"L{c[3]}g{c[4]}h0{c[8]:d}rev{c[9]:d}")
-def test_frame_by_frame_forward_over_segments_of_time(kernels, case):
+def test_frame_by_frame_kernels_over_segments_of_time(kernels, case, backward_kernel):
     """Few long sequences (SepMamba): the frame-by-frame forward kernel over segments of 8 frames, each
-    started from the state the earlier segments' summaries (end state, total decay) give."""
+    started from the state the earlier segments' summaries (end state, total decay) give; the backward
+    kernel over the same segments, each started from the adjoint the later segments' summaries give."""
     batch, channels, state, length, groups, with_D, with_z, with_bias, with_initial, reverse, _ = case
     inputs = make_inputs(batch, channels, state, length, groups, with_D=with_D, with_z=with_z,
                          with_bias=with_bias, with_initial=with_initial)
-    check_against_reference(kernels, inputs, reverse, split=True)
+    check_against_reference(kernels, inputs, reverse, split=True,
+                            sequential_backward=False if backward_kernel == "chunked" else None)
 
 
 @pytest.mark.parametrize("reverse", [False, True])
 def test_segments_of_several_chunks_with_an_added_output(kernels, reverse):
     """Segments of 2 chunks (chunk states stored inside a segment), a length that is no multiple of the
-    chunk, BiMamba's scale and added tensor, other prefetch/unroll settings; and without autograd (no
-    chunk states stored) the same output."""
+    chunk, BiMamba's scale and added tensor, other prefetch/unroll settings, both backward kernels; and
+    without autograd (no chunk states stored) the same output."""
     inputs = make_inputs(2, 4, 4, 45, 2, with_initial=True)
     inputs["output_add"] = torch.randn(2, 4, 45).requires_grad_()
     options = dict(split=True, segment_chunks=2, output_scale=0.5, prefetch=3, unroll=2)
     check_against_reference(kernels, inputs, reverse, **options)
+    check_against_reference(kernels, inputs, reverse, sequential_backward=False, **options)
     args = (inputs["u"], inputs["delta"], inputs["A"], inputs["B"], inputs["C"], inputs["D"], inputs["z"],
             inputs["delta_bias"], True, inputs["initial_state"], reverse, 0.5, inputs["output_add"])
     config = kernels.ScanConfig(block_l=8, min_segment_chunks=2, sequential_min_rows=0, sequential_block_e=2,

@@ -9,9 +9,10 @@ channel) rows (``ScanConfig``):
   (the frames' memory latency, not arithmetic, bounds these kernels); the
   backward kernel recomputes a chunk's states into a per-program scratch slot
   and walks the adjoint back through them. DPMamba's many intra- and
-  inter-chunk sequences take both. SepMamba's few long sequences take the
-  forward kernel over segments of time, each started from the summaries (end
-  state, total decay ``exp(A sum(dt))``) of the segments before it.
+  inter-chunk sequences take both. SepMamba's few long sequences take both
+  over segments of time: forward, each segment starts from the summaries (end
+  state, total decay ``exp(A sum(dt))``) of the segments before it; backward,
+  from the adjoint summaries of the segments after it.
 - Chunked (``_scan_fwd_kernel``, ``_scan_bwd_kernel``): one program owns
   ``BLOCK_E`` channels of one sequence and walks it in chunks of ``BLOCK_L``
   frames. In a chunk it loads ``u, delta, z`` as ``(BLOCK_E, BLOCK_L)`` tiles,
@@ -113,9 +114,8 @@ class ScanConfig:
         the memory latency of the frames.
     sequential_split_programs : int
         Below ``sequential_min_rows`` (or when it is 0), the frame-by-frame
-        forward kernel still runs, with time split into segments until about
-        this many programs run (the backward pass takes the chunked kernel
-        there); 0: the chunked kernels run instead.
+        kernels still run, with time split into segments until about this
+        many programs run; 0: the chunked kernels run instead.
     sequential_num_warps : int
         Warps per program of the frame-by-frame backward kernel (the forward one uses 1).
     sequential_prefetch : int
@@ -167,8 +167,9 @@ FORWARD_CONFIG = ScanConfig(sequential_block_e=32, sequential_wide_min_rows=3276
 FORWARD_CONFIG_FP32 = replace(FORWARD_CONFIG, sequential_wide_min_rows=0)
 # The backward pass reuses the forward pass's chunks: its block_l is not read. Its recomputing walk
 # loads frames 4 ahead and unrolls 8 per step, as the forward kernel: 2-12 % faster than 1 ahead
-# without unrolling on DPMamba-M's shapes (benchmarks/results/scan_backward_2026-11-24_h100/).
-BACKWARD_CONFIG = ScanConfig(sequential_prefetch=4, sequential_unroll=8)
+# without unrolling on DPMamba-M's shapes (benchmarks/results/scan_backward_2026-11-24_h100/). Few long
+# sequences (SepMamba) are split in time for the frame-by-frame backward kernel too.
+BACKWARD_CONFIG = ScanConfig(sequential_prefetch=4, sequential_unroll=8, sequential_split_programs=2048)
 
 
 @triton.jit
@@ -674,10 +675,69 @@ def _load_adjoint_frame(i, k, L, u_row, d_row, dy_row, z_row, B_seq, C_seq, scra
 
 
 @triton.jit
+def _scan_bwd_sequential_summary_kernel(
+    delta_ptr, A_ptr, C_ptr, z_ptr, bias_ptr, dy_ptr, seg_decay_ptr, seg_grad_ptr,
+    E, L, per_group, num_eblocks, chunks_per_seg, num_seg, out_scale,
+    sd_b, sd_e, sd_l, sz_b, sz_e, sz_l, sy_b, sy_e, sy_l, sC_b, sC_g, sC_n, sC_l,
+    N: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_L: tl.constexpr,
+    PREFETCH: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
+    REVERSE: tl.constexpr,
+):
+    """Adjoint summary of one channel block over one segment of time, for the segmented
+    ``_scan_bwd_sequential_kernel``: the adjoint alone, walked against scan order through the segment
+    from ``q = 0`` (``q <- (q + C_t dout_t) dA_t``), and the segment's total decay ``exp(A sum(dt))``.
+    With them, ``q`` entering a segment's end from the later segments is ``decay q + q_summary`` per
+    later segment, as in ``_scan_bwd_kernel``'s summaries. Frames are loaded ``PREFETCH`` ahead."""
+    pid = tl.program_id(0)
+    pid_e = pid % num_eblocks
+    pid_b = pid // num_eblocks
+    seg = tl.program_id(1)
+    offs_e = pid_e * BLOCK_E + tl.arange(0, BLOCK_E)
+    offs_n = tl.arange(0, BLOCK_N)
+    n_mask = offs_n < N
+    en_mask = n_mask[None, :]
+    group = (pid_e * BLOCK_E) // per_group
+    bias = tl.zeros([BLOCK_E], tl.float32)
+    if HAS_BIAS:
+        bias = tl.load(bias_ptr + offs_e).to(tl.float32)
+    A2 = tl.load(A_ptr + offs_e[:, None] * N + offs_n[None, :], mask=en_mask, other=0.0).to(tl.float32) * _LOG2E
+    d_row = delta_ptr + pid_b * sd_b + offs_e * sd_e
+    z_row = z_ptr + pid_b * sz_b + offs_e * sz_e
+    dy_row = dy_ptr + pid_b * sy_b + offs_e * sy_e
+    C_seq = C_ptr + pid_b * sC_b + group * sC_g + offs_n * sC_n
+
+    # The segment's frames in scan order: [first, end).
+    first = seg * chunks_per_seg * BLOCK_L
+    end = tl.minimum(first + chunks_per_seg * BLOCK_L, L)
+    q = tl.zeros([BLOCK_E, BLOCK_N], tl.float32)
+    dt_sum = tl.zeros([BLOCK_E, 1], tl.float32)
+    # No u or B is needed: _load_frame reads delta and C in their place (the same addresses, cached).
+    ahead = ()
+    for p in tl.static_range(PREFETCH):
+        ahead = ahead + (_load_frame(_frame_time(end - 1 - p, L, REVERSE), L, d_row, d_row, z_row, dy_row, C_seq,
+                                     C_seq, sd_l, sd_l, sz_l, sy_l, sC_l, sC_l, n_mask, True, True, HAS_Z, True),)
+    for r in range(0, end - first):
+        _, delta, _, C_t, z, dy = ahead[0]
+        ahead = ahead[1:] + (_load_frame(_frame_time(end - 1 - r - PREFETCH, L, REVERSE), L, d_row, d_row, z_row,
+                                         dy_row, C_seq, C_seq, sd_l, sd_l, sz_l, sy_l, sC_l, sC_l, n_mask, True, True,
+                                         HAS_Z, True),)
+        dt, _ = _dt(delta[:, None], bias, HAS_BIAS, SOFTPLUS)
+        dout = dy * out_scale
+        if HAS_Z:
+            dout = dout * z / (1.0 + tl.exp2(-z * _LOG2E))
+        q = (q + dout[:, None] * C_t[None, :]) * tl.exp2(dt * A2)
+        dt_sum += dt
+    seg_offs = ((pid_b * E + offs_e[:, None]) * num_seg + seg) * N + offs_n[None, :]
+    tl.store(seg_decay_ptr + seg_offs, tl.exp2(dt_sum * A2), mask=en_mask)
+    tl.store(seg_grad_ptr + seg_offs, q, mask=en_mask)
+
+
+@triton.jit
 def _scan_bwd_sequential_kernel(
     u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, h0_ptr, dy_ptr, dlast_ptr, chunk_ptr, scratch_ptr,
+    seg_decay_ptr, seg_grad_ptr,
     du_ptr, ddelta_ptr, dA_ptr, dB_part_ptr, dC_part_ptr, dD_ptr, dz_ptr, dbias_ptr, dh0_ptr,
-    E, L, per_group, num_eblocks, num_chunks, out_scale,
+    E, L, per_group, num_eblocks, num_chunks, chunks_per_seg, num_seg, out_scale,
     su_b, su_e, su_l, sd_b, sd_e, sd_l, sz_b, sz_e, sz_l, sy_b, sy_e, sy_l,
     sdu_b, sdu_e, sdu_l, sdd_b, sdd_e, sdd_l, sdz_b, sdz_e, sdz_l,
     sB_b, sB_g, sB_n, sB_l, sC_b, sC_g, sC_n, sC_l,
@@ -686,7 +746,7 @@ def _scan_bwd_sequential_kernel(
     HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_H0: tl.constexpr,
     HAS_DLAST: tl.constexpr, SOFTPLUS: tl.constexpr, REVERSE: tl.constexpr, STORE_DH0: tl.constexpr,
 ):
-    """Backward pass of one channel block of one sequence, one frame at a time.
+    """Backward pass of one channel block over one segment of one sequence, one frame at a time.
 
     Chunks are visited against scan order. For each, the states are recomputed
     frame by frame from the chunk-entering state and parked in this program's
@@ -696,8 +756,13 @@ def _scan_bwd_sequential_kernel(
     gradient: no scan tree, no per-state loop. The ``dB``/``dC`` shares of this
     channel block go to a per-block buffer (summed by the caller: deterministic,
     no atomics); ``dA``, ``dD`` and the dt bias gradient are summed in registers.
+
+    Few long sequences (SepMamba) are split into segments of time: each
+    segment starts from the ``q`` that the later segments' summaries
+    (``_scan_bwd_sequential_summary_kernel``) give.
     """
     pid = tl.program_id(0)
+    seg = tl.program_id(1)
     pid_e = pid % num_eblocks
     pid_b = pid // num_eblocks
     offs_e = pid_e * BLOCK_E + tl.arange(0, BLOCK_E)
@@ -728,16 +793,23 @@ def _scan_bwd_sequential_kernel(
     part_seq = (pid * L) * N + offs_n
     state_offs = (pid_b * E + offs_e[:, None]) * N + offs_n[None, :]
     tile_offs = tl.arange(0, BLOCK_E)[:, None] * BLOCK_N + offs_n[None, :]
-    scratch = scratch_ptr + pid * (BLOCK_L * BLOCK_E * BLOCK_N) + tile_offs
+    scratch = scratch_ptr + (seg * tl.num_programs(0) + pid) * (BLOCK_L * BLOCK_E * BLOCK_N) + tile_offs
+    k_begin = seg * chunks_per_seg
+    k_end = tl.minimum(k_begin + chunks_per_seg, num_chunks)
 
     q = tl.zeros([BLOCK_E, BLOCK_N], tl.float32)
     if HAS_DLAST:
         q = tl.load(dlast_ptr + state_offs, mask=en_mask, other=0.0).to(tl.float32)
+    # Later segments (in scan order) pass their adjoint back to this one.
+    for i in range(0, num_seg - 1 - seg):
+        seg_offs = ((pid_b * E + offs_e[:, None]) * num_seg + num_seg - 1 - i) * N + offs_n[None, :]
+        q = tl.load(seg_decay_ptr + seg_offs, mask=en_mask, other=1.0) * q + tl.load(
+            seg_grad_ptr + seg_offs, mask=en_mask, other=0.0)
     grad_A = tl.zeros([BLOCK_E, BLOCK_N], tl.float32)
     grad_D = tl.zeros([BLOCK_E], tl.float32)
     grad_bias = tl.zeros([BLOCK_E], tl.float32)
-    for j in range(0, num_chunks):
-        k = num_chunks - 1 - j
+    for j in range(0, k_end - k_begin):
+        k = k_end - 1 - j
         h = _chunk_entering_state(chunk_ptr, h0_ptr, pid_b * E + offs_e[:, None], k, num_chunks, offs_n[None, :],
                                   en_mask, N, HAS_H0)
         # States of the chunk, in scan order, into the scratch slot. As in the forward kernel, frames
@@ -817,7 +889,8 @@ def _scan_bwd_sequential_kernel(
     if HAS_BIAS:
         tl.atomic_add(dbias_ptr + offs_e, grad_bias)
     if STORE_DH0:
-        tl.store(dh0_ptr + state_offs, q, mask=en_mask)
+        if seg == 0:
+            tl.store(dh0_ptr + state_offs, q, mask=en_mask)
 
 
 def _pow2_divisor(n: int, cap: int) -> int:
@@ -990,8 +1063,9 @@ def _backward(u, delta, A, B, C, D, z, delta_bias, initial_state, dy, dlast, chu
     dD = None if D is None else torch.zeros(channels, **f32)
     dbias = None if delta_bias is None else torch.zeros(channels, **f32)
     dh0 = torch.empty(batch, channels, state, **f32) if want_dh0 else None
-    inputs = [u, delta, A.contiguous(), B, C, u if D is None else D.contiguous(), u if z is None else z,
-              u if delta_bias is None else delta_bias.contiguous(),
+    A, z_arg = A.contiguous(), u if z is None else z
+    bias_arg = u if delta_bias is None else delta_bias.contiguous()
+    inputs = [u, delta, A, B, C, u if D is None else D.contiguous(), z_arg, bias_arg,
               u if initial_state is None else initial_state.contiguous(), dy,
               u if dlast is None else dlast.contiguous(), chunks if chunks.numel() else dA]
     strides = [*u.stride(), *delta.stride(), *_strides3(z, u), *dy.stride(), *du.stride(), *ddelta.stride(),
@@ -1005,19 +1079,33 @@ def _backward(u, delta, A, B, C, D, z, delta_bias, initial_state, dy, dlast, chu
     per_group = channels // groups
     sequential_block_e = _sequential_block_e(batch, channels, per_group, config)
     num_eblocks = channels // sequential_block_e
-    if config.sequential_min_rows and batch * channels >= config.sequential_min_rows:
+    enough_rows = bool(config.sequential_min_rows) and batch * channels >= config.sequential_min_rows
+    if enough_rows or config.sequential_split_programs:
         programs = batch * num_eblocks
-        scratch = torch.empty(programs, plan.block_l * sequential_block_e * plan.block_n, **f32)
+        chunks_per_seg, num_seg = (plan.num_chunks, 1) if enough_rows else _segments(
+            programs, plan.num_chunks, config.sequential_split_programs, config.min_segment_chunks)
+        scratch = torch.empty(num_seg * programs, plan.block_l * sequential_block_e * plan.block_n, **f32)
         # Each channel block's share of dB and dC, frames in order; summed over the group's blocks below.
         dB_part = torch.empty(batch, num_eblocks, length, state, **f32)
         dC_part = torch.empty_like(dB_part)
-        _scan_bwd_sequential_kernel[(programs,)](
-            *inputs, scratch, du, ddelta, dA, dB_part, dC_part, dA if dD is None else dD,
+        seg_decay = seg_grad = dA  # not read without segments
+        if num_seg > 1:
+            seg_decay = torch.empty(batch, channels, num_seg, state, **f32)
+            seg_grad = torch.empty_like(seg_decay)
+            _scan_bwd_sequential_summary_kernel[(programs, num_seg)](
+                delta, A, C, z_arg, bias_arg, dy, seg_decay, seg_grad,
+                channels, length, per_group, num_eblocks, chunks_per_seg, num_seg, output_scale,
+                *delta.stride(), *_strides3(z, u), *dy.stride(), *C.stride(),
+                N=state, BLOCK_N=plan.block_n, BLOCK_E=sequential_block_e, BLOCK_L=plan.block_l,
+                PREFETCH=config.sequential_prefetch, HAS_Z=z is not None, HAS_BIAS=delta_bias is not None,
+                SOFTPLUS=softplus, REVERSE=reverse, num_warps=1,
+            )
+        _scan_bwd_sequential_kernel[(programs, num_seg)](
+            *inputs, scratch, seg_decay, seg_grad, du, ddelta, dA, dB_part, dC_part, dA if dD is None else dD,
             du if dz is None else dz, dA if dbias is None else dbias, dA if dh0 is None else dh0,
-            channels, length, per_group, num_eblocks, plan.num_chunks, output_scale, *strides,
-            BLOCK_E=sequential_block_e, PREFETCH=config.sequential_prefetch,
-            UNROLL=min(config.sequential_unroll, plan.block_l),
-            num_warps=config.sequential_num_warps, **flags,
+            channels, length, per_group, num_eblocks, plan.num_chunks, chunks_per_seg, num_seg, output_scale,
+            *strides, BLOCK_E=sequential_block_e, PREFETCH=config.sequential_prefetch,
+            UNROLL=min(config.sequential_unroll, plan.block_l), num_warps=config.sequential_num_warps, **flags,
         )
 
         def group_sum(part: torch.Tensor) -> torch.Tensor:  # -> (batch, groups, N, L)
