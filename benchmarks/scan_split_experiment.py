@@ -52,10 +52,10 @@ def main() -> None:
                 cells = []
                 for target in TARGETS:
                     first = time.monotonic()
-                    name = f"{'b' if backward else 's'}{target}"
-                    ms, mib = time_point(f"{name}-{dtype}", inputs, backward)
+                    label = f"{'b' if backward else 's'}{target}"
+                    ms, mib = time_point(f"{label}-{dtype}", inputs, backward)
                     gbs = bytes_moved(batch, channels, length, inputs["u"].dtype, backward) / ms / 1e6
-                    cells.append(f"{name}={ms:.3f}ms/{gbs:.0f}GBps/{mib:.0f}MiB(c{time.monotonic() - first:.0f}s)")
+                    cells.append(f"{label}={ms:.3f}ms/{gbs:.0f}GBps/{mib:.0f}MiB(c{time.monotonic() - first:.0f}s)")
                 print(f"[{time.monotonic() - start:.0f}s] {'fwd+bwd' if backward else 'fwd'} {dtype} {name}: "
                       + " ".join(cells), flush=True)
 
