@@ -49,10 +49,12 @@ Outputs and gradients are written in the layout of their inputs, so the mixer's
 channel-last activations (frames of its projections) stay channel-last.
 
 Speed on an H100 (benchmarks/results/scan_prefetch_h100_2026-11-24.md,
-scan_split_h100_2026-11-24.md, scan_backward_2026-11-24_h100/): forward
-0.1-0.8 ms on DPMamba-M's 4-60 s shapes, up to 1.6 TB/s in fp32; the backward
-alone 0.38-5.4 ms, 5-8x the forward: forward + backward reach 2-13 % of the
-memory bandwidth.
+scan_split_h100_2026-11-24.md, scan_backward_2026-11-24_h100/,
+scan_chunk_states_2026-11-24_h100/, sepmamba_backward_split_2026-11-24_h100/):
+forward 0.1-0.8 ms on DPMamba-M's 4-60 s shapes, up to 1.6 TB/s in fp32; the
+backward alone 0.4-5.7 ms, 4-8x the forward: forward + backward reach 2-13 % of
+the memory bandwidth. On SepMamba-M's stages, the segmented frame-by-frame
+backward is 2-4x faster than the chunked one.
 """
 
 import functools
