@@ -52,7 +52,7 @@ Speed on an H100 (benchmarks/results/scan_prefetch_h100_2026-11-24.md,
 scan_split_h100_2026-11-24.md, scan_backward_2026-11-24_h100/,
 scan_chunk_states_2026-11-24_h100/, sepmamba_backward_split_2026-11-24_h100/):
 forward 0.1-0.8 ms on DPMamba-M's 4-60 s shapes, up to 1.6 TB/s in fp32; the
-backward alone 0.4-5.7 ms, 4-8x the forward: forward + backward reach 2-13 % of
+backward alone 0.4-5.7 ms, 3.5-8x the forward: forward + backward reach 2-13 % of
 the memory bandwidth. On SepMamba-M's stages, the segmented frame-by-frame
 backward is 2-4x faster than the chunked one.
 """
