@@ -430,20 +430,22 @@ def target_lines(table: Table, anchors: Dict[str, dict], lengths: List[float]) -
             lines.append(f"| {name} train step bf16 {what} <= {limit}x Sepformer (batch 1, 4) | "
                          f"{verdict(values, limit)} | {', '.join(map(fmt_ratio, values))} |")
     anchor = anchors.get("sepmamba_m")
-    if anchor:
+    variants = sorted({key[0] for key in table.by_key if key[0].startswith("sepmamba_m:")})
+    for model in ["sepmamba_m", *variants] if anchor else []:
         values, labels = [], []
         for seconds, ref in sorted(anchor["infer"].items()):
             for field, key in (("time_ms", "ms"), ("mem_mib", "peak_MiB")):
-                mine = table.value("sepmamba_m", "infer", "fp32", seconds, 1, field)
+                mine = table.value(model, "infer", "fp32", seconds, 1, field)
                 values.append(None if mine is None else mine / ref[key])
                 labels.append(f"{seconds:g}s {key}")
         for dtype, ref in anchor["train"].items():
             for field, key in (("time_ms", "ms"), ("mem_mib", "peak_MiB")):
-                mine = table.value("sepmamba_m", "train", dtype, 4, 1, field)
+                mine = table.value(model, "train", dtype, 4, 1, field)
                 values.append(None if mine is None else mine / ref[key])
                 labels.append(f"train {dtype} {key}")
         pairs = ", ".join(f"{label} {fmt_ratio(v)}" for label, v in zip(labels, values))
-        lines.append(f"| SepMamba-M <= 0.7x the mamba-ssm SepMamba-M anchor (time and memory) | "
+        name = "SepMamba-M" + (f" ({model.split(':', 1)[1]})" if ":" in model else "")
+        lines.append(f"| {name} <= 0.7x the mamba-ssm SepMamba-M anchor (time and memory) | "
                      f"{verdict(values, 0.7)} | {pairs} |")
     return lines
 

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from speechbrain_mamba.lobes import BiMamba, SingleGroupNorm
+from speechbrain_mamba.lobes import BiMamba, Mamba, SingleGroupNorm
 from speechbrain_mamba.ops import resolve_backend, selective_scan
 from speechbrain_mamba.ops.scan_mamba_ssm import load_mamba_ssm_scan
 from speechbrain_mamba.ops.selective_scan import load_triton_scan
@@ -149,6 +149,21 @@ def test_bimamba_on_gpu_matches_cpu():
         out_bf16 = gpu_mixer(gpu_x)
     out_bf16.float().pow(2).sum().backward()
     torch.testing.assert_close(out_bf16.float().cpu(), expected, rtol=0.05, atol=0.05)
+
+
+@pytest.mark.parametrize("autocast_dtype", [None, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("mixer_class", [Mamba, BiMamba])
+def test_mixers_without_gradients_on_gpu_match_with_gradients(no_tf32, mixer_class, autocast_dtype):
+    """Without gradients the mixers make in_proj's halves apart (x convolved and freed before z): the
+    output of the Triton kernels is the one with gradients."""
+    mixer = mixer_class(32).cuda()
+    x = torch.randn(2, 300, 32, device="cuda")
+    with torch.autocast("cuda", dtype=autocast_dtype or torch.float32, enabled=autocast_dtype is not None):
+        with_grad = mixer(x)
+        with torch.inference_mode():
+            without_grad = mixer(x)
+    tolerance = 1e-5 if autocast_dtype is None else 2e-2
+    torch.testing.assert_close(without_grad.float(), with_grad.detach().float(), rtol=tolerance, atol=tolerance)
 
 
 @pytest.mark.parametrize("autocast_dtype", [None, torch.bfloat16], ids=["fp32", "bf16"])

@@ -129,6 +129,37 @@ def test_stack_runs_a_large_batch_in_groups_without_gradients():
     hook.remove()
 
 
+@pytest.mark.parametrize("mixer_class", [Mamba, BiMamba])
+def test_mixer_without_gradients_makes_in_proj_halves_apart(mixer_class, monkeypatch):
+    """Without gradients, in_proj's x half is made and convolved before its z half, with the same
+    output as the whole projection; with gradients in_proj runs once."""
+    torch.manual_seed(0)
+    mixer = mixer_class(16)
+    x = torch.randn(2, 13, 16)
+    with_grad = mixer(x)
+    calls = []
+    linear = mamba_module.F.linear
+    monkeypatch.setattr(mamba_module.F, "linear", lambda inp, weight, *a: calls.append(weight.shape[0]) or linear(
+        inp, weight, *a))
+    with torch.no_grad():
+        without_grad = mixer(x)
+    inner = mixer.d_inner
+    assert calls[0] == inner and calls.count(inner) == 2 + len(mixer._directions())  # x, z, one dt per direction
+    torch.testing.assert_close(without_grad, with_grad)
+
+
+def test_stack_keeps_one_input_per_checkpointed_block():
+    """A checkpointed block saves its residual sum only: the previous block's hidden and residual are
+    not kept (the sum is made outside the checkpoint)."""
+    torch.manual_seed(0)
+    stack = MambaStack(16, num_layers=3, checkpoint_blocks=True, final_norm=False)
+    x = torch.randn(2, 9, 16, requires_grad=True)
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.shape) or t, lambda t: t):
+        stack(x)
+    assert saved == [x.shape] * 3
+
+
 @pytest.mark.parametrize("option, value", [("checkpoint_blocks", "yes"), ("checkpoint_blocks", 1),
                                            ("recompute_projections", None),
                                            ("max_inference_frames", 0), ("max_inference_frames", 1.5)])

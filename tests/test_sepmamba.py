@@ -32,6 +32,24 @@ def test_output_shape_and_gradients(length, num_spks, causal):
     assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.parameters())
 
 
+def test_recompute_projections_reaches_every_block_with_the_same_gradients():
+    """The hparams option reaches all of SepMamba's Mamba blocks; gradients are the stored ones."""
+    torch.manual_seed(0)
+    stored = SepMamba(dim=8, num_layers=1)
+    recomputed = SepMamba(dim=8, num_layers=1, recompute_projections=True)
+    recomputed.load_state_dict(stored.state_dict())
+    blocks = [m for m in recomputed.modules() if hasattr(m, "recompute_projections")]
+    assert len(blocks) == 2 * 5 and all(block.recompute_projections for block in blocks)
+    mixture = torch.randn(2, 400)
+    grads = []
+    for model in (stored, recomputed):
+        loss = model(mixture).square().mean()
+        grads.append(torch.autograd.grad(loss, list(model.parameters())))
+    for expected, actual in zip(*grads):
+        torch.testing.assert_close(actual, expected, rtol=0, atol=0)
+    assert load_model_hparams("sepmamba_m")["recompute_projections"] is False  # the option, off by default
+
+
 def test_backward_stack_is_the_forward_computation_on_the_reversed_sequence():
     stack = BidirectionalMambaStack(16, num_layers=2)
     forward_copy = MambaStack(16, 2, bidirectional=False, norm="layernorm", final_norm=False)

@@ -166,13 +166,20 @@ class Mamba(nn.Module):
         """(parameter-name suffix, reverse) of each direction, in the order they are scanned."""
         return (("", self.reverse),)
 
-    def _project_in(self, hidden: torch.Tensor, mark: Mark = keep) -> Tuple[torch.Tensor, torch.Tensor]:
-        """``in_proj``, split into ``x`` and the gate ``z``, both [B, L, E] views."""
+    def _project_in(
+        self, hidden: torch.Tensor, mark: Mark = keep, half: Optional[int] = None
+    ) -> Union[torch.Tensor, Tuple[torch.Tensor, torch.Tensor]]:
+        """``in_proj``, split into ``x`` and the gate ``z``, both [B, L, E] views; with ``half`` (0: x,
+        1: z) only that half, computed alone."""
         if hidden.dim() != 3 or hidden.shape[-1] != self.d_model:
             raise ValueError(
                 f"{type(self).__name__} expects [batch, time, {self.d_model}]; "
                 f"got {tuple(hidden.shape)}."
             )
+        if half is not None:
+            rows = slice(half * self.d_inner, (half + 1) * self.d_inner)
+            bias = self.in_proj.bias
+            return F.linear(hidden, self.in_proj.weight[rows], None if bias is None else bias[rows])
         if mark is not keep:
             # Autocast's own cast, made here so that the copy in_proj saves can be marked too.
             hidden = mark("in_proj_input", _in_autocast_dtype(hidden))
@@ -199,8 +206,15 @@ class Mamba(nn.Module):
         -------
         The gate ``z`` [batch, time, E] and, per direction, its scan inputs.
         """
-        x, z = self._project_in(hidden, mark)
-        return z, [self._direction_inputs(x, suffix, reverse, mark) for suffix, reverse in self._directions()]
+        if torch.is_grad_enabled() or mark is not keep:
+            x, z = self._project_in(hidden, mark)
+            return z, [self._direction_inputs(x, suffix, reverse, mark) for suffix, reverse in self._directions()]
+        # Without gradients, x's half of in_proj is made, convolved and freed before z's half: the scan
+        # then runs without the x half alive (one [B, L, E] tensor less at the peak).
+        x = self._project_in(hidden, half=0)
+        directions = [self._direction_inputs(x, suffix, reverse) for suffix, reverse in self._directions()]
+        del x
+        return self._project_in(hidden, half=1), directions
 
     def _direction_inputs(
         self,
@@ -480,6 +494,11 @@ class MambaBlock(nn.Module):
         return hidden, residual, state
 
 
+def _mixed(block: MambaBlock, residual: torch.Tensor) -> torch.Tensor:
+    """The block's new ``hidden`` for a residual sum that is already made."""
+    return block(residual)[0]
+
+
 def _check_bool(name: str, value: object) -> None:
     if not isinstance(value, bool):
         raise ValueError(f"{name} must be True or False; got {value!r}.")
@@ -596,15 +615,24 @@ class MambaStack(nn.Module):
         return out if self.norm_f is None else self.norm_f(out)
 
     def _blocks(self, hidden: torch.Tensor, out: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """The blocks, then ``hidden + residual`` (into ``out`` if given); no final norm."""
+        """The blocks, then ``hidden + residual`` (into ``out`` if given); no final norm.
+
+        Each block's residual sum is made here, and the previous ``hidden`` and
+        ``residual`` are released before its mixer runs: without gradients their
+        memory is free for the mixer's activations, and a checkpointed block
+        keeps one input (the sum) instead of two.
+        """
         residual = None
         recompute = self.checkpoint_blocks and self.training and torch.is_grad_enabled()
         for layer in self.layers:
+            # A block given only its residual sum mixes it: layer(sum) = (mixer(norm(sum)), sum).
+            residual = hidden if residual is None else hidden + residual
+            hidden = None
             if recompute:
                 # A block draws no random numbers: no RNG state to save and restore.
-                hidden, residual = checkpoint(layer, hidden, residual, use_reentrant=False, preserve_rng_state=False)
+                hidden = checkpoint(_mixed, layer, residual, use_reentrant=False, preserve_rng_state=False)
             else:
-                hidden, residual = layer(hidden, residual)
+                hidden = _mixed(layer, residual)
         return torch.add(hidden, residual, out=out)
 
     def step(

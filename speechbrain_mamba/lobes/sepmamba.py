@@ -27,7 +27,9 @@ class BidirectionalMambaStack(nn.Module):
     causal : bool
         Forward direction only, with twice the blocks.
     **mixer_kwargs
-        Passed to the Mamba mixers (``d_state``, ``d_conv``, ``expand``, ``scan_backend``).
+        Passed to both :class:`MambaStack` s: their training-memory options
+        (``recompute_projections``, ``checkpoint_blocks``) and the mixers'
+        (``d_state``, ``d_conv``, ``expand``, ``scan_backend``).
 
     Example
     -------
@@ -83,7 +85,8 @@ class SepMamba(nn.Module):
     kernel_size, stride : int
         Of every (transposed) convolution.
     **mixer_kwargs
-        Passed to the Mamba mixers.
+        Passed to every :class:`BidirectionalMambaStack` (e.g.
+        ``recompute_projections=True``: less training memory, same gradients).
 
     Example
     -------
@@ -160,14 +163,16 @@ class SepMamba(nn.Module):
             raise ValueError(f"SepMamba needs at least {self.min_length} samples; got {length}.")
 
         x = mixture.unsqueeze(1)
-        skips: List[torch.Tensor] = []
+        skips: List[torch.Tensor] = []  # the down stages' outputs but the deepest, each freed once used
         for stage in self.down:
             x = self._run_mamba(stage["mamba"], F.relu(stage["conv"](x)))
             skips.append(x)
-        for stage, skip in zip(self.up, reversed(skips[:-1])):
-            x = F.relu(stage["deconv"](x))
-            x = _fit_length(x, skip.shape[-1])
+        skips.pop()
+        for stage in self.up:
+            skip = skips.pop()
+            x = _fit_length(F.relu(stage["deconv"](x)), skip.shape[-1])
             x = F.relu(stage["fuse"](torch.cat([x, skip], dim=1)))
+            del skip  # its memory is free for the stage's Mamba stack
             x = self._run_mamba(stage["mamba"], x)
         sources = _fit_length(self.output(x), length)
         return sources.transpose(1, 2)
