@@ -63,11 +63,14 @@ class ConvConfig:
 # so the times are indicative; benchmarks/profile_model.py gives the model-level ones). Forward: at HBM
 # bandwidth with most tiles of 64-256 channels (DPMamba's (481, 250, 512): 176 us fp32, 106 us bf16;
 # SepMamba's (1, 16000, 256): 18 us).
-# Backward (g recomputed at K shifts: K^2 + K tile loads per tile) likes few warps: 32 x 64 with 2 warps
-# took 805 / 686 us (fp32 / bf16) on the former, 93 / 76 us on the latter, within 20% of the best tile of
-# each; that pass is still 3x slower than its HBM floor.
+# Backward (g recomputed at K shifts: K^2 + K tile loads per tile) likes small tiles on one warp:
+# benchmarks/sweep_conv_backward.py (H100, benchmarks/results/conv_backward_tiles_2026-11-25_h100.md)
+# puts 16 frames x 32 channels 11-37 % below the former 32 x 64 on 2 warps on DPMamba-M's shapes (bf16
+# and fp32), within +-10 % on SepMamba-M's stages but the first in fp32 (+21 %, 21 us); loading each of
+# the 2K - 1 shifted tiles once instead of K^2 times was not faster in bf16 (same sweep). It is still
+# 5-6x the forward.
 FORWARD_CONFIG = ConvConfig(block_l=32, block_e=128, num_warps=4)
-BACKWARD_CONFIG = ConvConfig(block_l=32, block_e=64, num_warps=2)
+BACKWARD_CONFIG = ConvConfig(block_l=16, block_e=32, num_warps=1)
 
 
 @triton.jit
