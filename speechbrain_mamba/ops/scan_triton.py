@@ -73,7 +73,9 @@ _LOG2E = tl.constexpr(1.4426950408889634)
 _LN2 = tl.constexpr(0.6931471805599453)
 # How many frames ahead the backward kernel's adjoint walk loads a frame: 2 or 4 were slower (each frame
 # in the queue holds its recomputed state tile; benchmarks/results/scan_prefetch_h100_2026-11-24.md, which
-# changed both of the kernel's walks together).
+# changed both of the kernel's walks together). Changed alone, 2 and 3 were no faster (-1 to +17 %) on
+# DPMamba-M's 4 s (batch 4) and 60 s shapes, bf16 and fp32 (H100, 2026-11-25, module copies timed by
+# scan_backward_ablation.times in a throwaway script).
 _ADJOINT_PREFETCH = tl.constexpr(1)
 
 
