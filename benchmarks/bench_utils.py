@@ -11,7 +11,7 @@ import statistics
 import time
 from contextlib import nullcontext
 from pathlib import Path
-from typing import Callable, ContextManager, Dict, List, Optional, Tuple, Union
+from typing import Callable, ContextManager, Dict, List, Optional, TextIO, Tuple, Union
 
 import torch
 
@@ -67,16 +67,18 @@ def load_model(
 
     Returns the modules, ``num_spks`` and the whole hparams dictionary.
     """
-    return modules_from_yaml(Path(hparams_file).read_text(), device, overrides)
+    # Read as a file: its ``!include:`` paths (the recipes include the model files) resolve against its folder.
+    with open(hparams_file) as stream:
+        return modules_from_yaml(stream, device, overrides)
 
 
 def modules_from_yaml(
-    text: str, device: torch.device, overrides: Union[Dict[str, object], str, None] = None
+    yaml: Union[str, TextIO], device: torch.device, overrides: Union[Dict[str, object], str, None] = None
 ) -> Tuple[torch.nn.ModuleDict, int, Dict[str, object]]:
-    """:func:`load_model` from the hparams' YAML text."""
+    """:func:`load_model` from the hparams' YAML text or an open file."""
     from hyperpyyaml import load_hyperpyyaml
 
-    hparams = load_hyperpyyaml(text, overrides or {})
+    hparams = load_hyperpyyaml(yaml, overrides or {})
     modules = torch.nn.ModuleDict(hparams["modules"]).to(device)
     return modules, int(hparams["num_spks"]), hparams
 
