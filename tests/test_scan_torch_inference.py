@@ -111,3 +111,14 @@ def test_inference_bf16_inputs_and_autocast(reverse):
     y_ref, last_ref = scan(inputs, reverse, "reference")
     assert_close(y, y_ref, torch.float32, "output")
     assert_close(last, last_ref, torch.float32, "last state")
+
+
+def test_inference_softplus_is_softplus_to_an_absolute_1e7():
+    """The inference path's vectorised softplus (the Triton kernels' formula) against torch's, in float64,
+    from far below the point where softplus underflows to far above; the input is not modified."""
+    x = torch.cat([torch.linspace(-40, 40, 100_001), torch.tensor([0.0, -0.0, 1e-30, -1e-30])])
+    before = x.clone()
+    out = scan_torch._softplus_exp2(x)
+    expected = torch.nn.functional.softplus(x.double())
+    assert torch.equal(x, before)
+    torch.testing.assert_close(out.double(), expected, rtol=2e-7, atol=1e-7)

@@ -190,6 +190,16 @@ def _even_part(total: int, most: int) -> int:
     return -(-total // parts)
 
 
+def _softplus_exp2(x: torch.Tensor) -> torch.Tensor:
+    """``softplus(x) = max(x, 0) + ln 2 * log2(1 + 2^(-|x| log2 e))`` into a new tensor, as the Triton
+    kernels compute it. PyTorch's CPU softplus goes through an unvectorised ``log1p``: on DPMamba-XS's dt
+    (20000 x 256 fp32, 2 cores, the recipes' allocator setting) it took 26 ms, these vectorised passes
+    10 ms. Below about -17 the result is 0 instead of ``exp(x) < 4e-8``; everywhere the absolute error
+    stays within 1e-7 (the rounding of ``1 + 2^(...)``), small against step sizes of 1e-3 and up."""
+    out = x.abs().mul_(-math.log2(math.e)).exp2_().add_(1.0).log2_().mul_(math.log(2.0))
+    return out.add_(x.clamp(min=0.0))
+
+
 def _selective_scan_inference(
     u: torch.Tensor,
     delta: torch.Tensor,
@@ -232,7 +242,7 @@ def _selective_scan_inference(
     if delta_bias is not None:
         dt = dt + delta_bias.float()
     if delta_softplus:
-        dt = F.softplus(dt)
+        dt = _softplus_exp2(dt)
     dt_u = (dt * u_t).unflatten(-1, (groups, 1, per_group))
     dt = dt.unflatten(-1, (groups, 1, per_group))
     B = B.float().permute(0, 3, 1, 2).unsqueeze(-1)  # (batch, L, groups, N, 1)
