@@ -166,20 +166,22 @@ class Mamba(nn.Module):
         """(parameter-name suffix, reverse) of each direction, in the order they are scanned."""
         return (("", self.reverse),)
 
-    def _project_in(
-        self, hidden: torch.Tensor, mark: Mark = keep, half: Optional[int] = None
-    ) -> Union[torch.Tensor, Tuple[torch.Tensor, torch.Tensor]]:
-        """``in_proj``, split into ``x`` and the gate ``z``, both [B, L, E] views; with ``half`` (0: x,
-        1: z) only that half, computed alone."""
+    def _check_input(self, hidden: torch.Tensor) -> None:
         if hidden.dim() != 3 or hidden.shape[-1] != self.d_model:
             raise ValueError(
                 f"{type(self).__name__} expects [batch, time, {self.d_model}]; "
                 f"got {tuple(hidden.shape)}."
             )
-        if half is not None:
-            rows = slice(half * self.d_inner, (half + 1) * self.d_inner)
-            bias = self.in_proj.bias
-            return F.linear(hidden, self.in_proj.weight[rows], None if bias is None else bias[rows])
+
+    def _project_half(self, hidden: torch.Tensor, half: int) -> torch.Tensor:
+        """One half of ``in_proj`` (0: ``x``, 1: the gate ``z``), computed alone, [B, L, E]."""
+        rows = slice(half * self.d_inner, (half + 1) * self.d_inner)
+        bias = self.in_proj.bias
+        return F.linear(hidden, self.in_proj.weight[rows], None if bias is None else bias[rows])
+
+    def _project_in(self, hidden: torch.Tensor, mark: Mark = keep) -> Tuple[torch.Tensor, torch.Tensor]:
+        """``in_proj``, split into ``x`` and the gate ``z``, both [B, L, E] views."""
+        self._check_input(hidden)
         if mark is not keep:
             # Autocast's own cast, made here so that the copy in_proj saves can be marked too.
             hidden = mark("in_proj_input", _in_autocast_dtype(hidden))
@@ -211,10 +213,11 @@ class Mamba(nn.Module):
             return z, [self._direction_inputs(x, suffix, reverse, mark) for suffix, reverse in self._directions()]
         # Without gradients, x's half of in_proj is made, convolved and freed before z's half: the scan
         # then runs without the x half alive (one [B, L, E] tensor less at the peak).
-        x = self._project_in(hidden, half=0)
+        self._check_input(hidden)
+        x = self._project_half(hidden, 0)
         directions = [self._direction_inputs(x, suffix, reverse) for suffix, reverse in self._directions()]
         del x
-        return self._project_in(hidden, half=1), directions
+        return self._project_half(hidden, 1), directions
 
     def _direction_inputs(
         self,

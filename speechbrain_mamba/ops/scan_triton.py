@@ -215,6 +215,27 @@ def _set_state_column(states, offs_n, n, column):
 
 
 @triton.jit
+def _channel_block(num_eblocks, per_group, N: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_N: tl.constexpr):
+    """This program's work in every scan kernel: program ``(pid, seg)`` owns channel block
+    ``pid % num_eblocks`` of sequence ``pid // num_eblocks`` in segment ``seg``. Returns ``pid``, the
+    sequence, the segment, the block's channels, the states (and their mask) and the B/C group."""
+    pid = tl.program_id(0)
+    first_channel = (pid % num_eblocks) * BLOCK_E
+    offs_e = first_channel + tl.arange(0, BLOCK_E)
+    offs_n = tl.arange(0, BLOCK_N)
+    return pid, pid // num_eblocks, tl.program_id(1), offs_e, offs_n, offs_n < N, first_channel // per_group
+
+
+@triton.jit
+def _channel_bias(bias_ptr, offs_e, HAS_BIAS: tl.constexpr, BLOCK_E: tl.constexpr):
+    """The dt bias of the block's channels in fp32 (zeros without one)."""
+    bias = tl.zeros([BLOCK_E], tl.float32)
+    if HAS_BIAS:
+        bias = tl.load(bias_ptr + offs_e).to(tl.float32)
+    return bias
+
+
+@triton.jit
 def _segment_start_state(h0_ptr, seg_decay_ptr, seg_state_ptr, state_offs, pid_b, offs_e, offs_n, en_mask, E, N, seg,
                          num_seg, HAS_H0: tl.constexpr, SUMMARY: tl.constexpr, BLOCK_E: tl.constexpr,
                          BLOCK_N: tl.constexpr):
@@ -269,21 +290,12 @@ def _scan_fwd_kernel(
     summaries give, store ``y``, the chunk-entering states (``STORE_CHUNKS``)
     and, in the last segment, the last state.
     """
-    pid = tl.program_id(0)
-    pid_e = pid % num_eblocks
-    pid_b = pid // num_eblocks
-    seg = tl.program_id(1)
-
-    offs_e = pid_e * BLOCK_E + tl.arange(0, BLOCK_E)
-    offs_n = tl.arange(0, BLOCK_N)
+    pid, pid_b, seg, offs_e, offs_n, n_mask, group = _channel_block(num_eblocks, per_group, N, BLOCK_E, BLOCK_N)
     offs_l = tl.arange(0, BLOCK_L)
-    en_mask = (offs_n < N)[None, :]
-    group = (pid_e * BLOCK_E) // per_group
+    en_mask = n_mask[None, :]
     LAST: tl.constexpr = 0 if REVERSE else BLOCK_L - 1
 
-    bias = tl.zeros([BLOCK_E], tl.float32)
-    if HAS_BIAS:
-        bias = tl.load(bias_ptr + offs_e).to(tl.float32)
+    bias = _channel_bias(bias_ptr, offs_e, HAS_BIAS, BLOCK_E)
     if HAS_D:
         D = tl.load(D_ptr + offs_e).to(tl.float32)
 
@@ -422,19 +434,10 @@ def _scan_fwd_sequential_kernel(
     ``exp(A sum(dt))``; the main launch starts each segment from the state the
     earlier segments' summaries give.
     """
-    pid = tl.program_id(0)
-    pid_e = pid % num_eblocks
-    pid_b = pid // num_eblocks
-    seg = tl.program_id(1)
-    offs_e = pid_e * BLOCK_E + tl.arange(0, BLOCK_E)
-    offs_n = tl.arange(0, BLOCK_N)
-    n_mask = offs_n < N
+    pid, pid_b, seg, offs_e, offs_n, n_mask, group = _channel_block(num_eblocks, per_group, N, BLOCK_E, BLOCK_N)
     en_mask = n_mask[None, :]
-    group = (pid_e * BLOCK_E) // per_group
 
-    bias = tl.zeros([BLOCK_E], tl.float32)
-    if HAS_BIAS:
-        bias = tl.load(bias_ptr + offs_e).to(tl.float32)
+    bias = _channel_bias(bias_ptr, offs_e, HAS_BIAS, BLOCK_E)
     if HAS_D:
         D = tl.load(D_ptr + offs_e).to(tl.float32)
     A2 = tl.load(A_ptr + offs_e[:, None] * N + offs_n[None, :], mask=en_mask, other=0.0).to(tl.float32) * _LOG2E
@@ -522,25 +525,16 @@ def _scan_bwd_kernel(
     ``q``. Otherwise start from the ``q`` the later segments give and compute
     every gradient.
     """
-    pid = tl.program_id(0)
-    pid_e = pid % num_eblocks
-    pid_b = pid // num_eblocks
-    seg = tl.program_id(1)
-
-    offs_e = pid_e * BLOCK_E + tl.arange(0, BLOCK_E)
-    offs_n = tl.arange(0, BLOCK_N)
+    pid, pid_b, seg, offs_e, offs_n, n_mask, group = _channel_block(num_eblocks, per_group, N, BLOCK_E, BLOCK_N)
     offs_l = tl.arange(0, BLOCK_L)
-    en_mask = (offs_n < N)[None, :]
-    group = (pid_e * BLOCK_E) // per_group
+    en_mask = n_mask[None, :]
     FIRST: tl.constexpr = BLOCK_L - 1 if REVERSE else 0
     # The frame after each frame in scan order, if it lies in the same chunk.
     STEP: tl.constexpr = -1 if REVERSE else 1
     offs_next = offs_l + STEP
     next_in_chunk = (offs_next >= 0) & (offs_next < BLOCK_L)
 
-    bias = tl.zeros([BLOCK_E], tl.float32)
-    if HAS_BIAS:
-        bias = tl.load(bias_ptr + offs_e).to(tl.float32)
+    bias = _channel_bias(bias_ptr, offs_e, HAS_BIAS, BLOCK_E)
     if HAS_D:
         D = tl.load(D_ptr + offs_e).to(tl.float32)
 
@@ -692,18 +686,9 @@ def _scan_bwd_sequential_summary_kernel(
     from ``q = 0`` (``q <- (q + C_t dout_t) dA_t``), and the segment's total decay ``exp(A sum(dt))``.
     With them, ``q`` entering a segment's end from the later segments is ``decay q + q_summary`` per
     later segment, as in ``_scan_bwd_kernel``'s summaries. Frames are loaded ``PREFETCH`` ahead."""
-    pid = tl.program_id(0)
-    pid_e = pid % num_eblocks
-    pid_b = pid // num_eblocks
-    seg = tl.program_id(1)
-    offs_e = pid_e * BLOCK_E + tl.arange(0, BLOCK_E)
-    offs_n = tl.arange(0, BLOCK_N)
-    n_mask = offs_n < N
+    pid, pid_b, seg, offs_e, offs_n, n_mask, group = _channel_block(num_eblocks, per_group, N, BLOCK_E, BLOCK_N)
     en_mask = n_mask[None, :]
-    group = (pid_e * BLOCK_E) // per_group
-    bias = tl.zeros([BLOCK_E], tl.float32)
-    if HAS_BIAS:
-        bias = tl.load(bias_ptr + offs_e).to(tl.float32)
+    bias = _channel_bias(bias_ptr, offs_e, HAS_BIAS, BLOCK_E)
     A2 = tl.load(A_ptr + offs_e[:, None] * N + offs_n[None, :], mask=en_mask, other=0.0).to(tl.float32) * _LOG2E
     d_row = delta_ptr + pid_b * sd_b + offs_e * sd_e
     z_row = z_ptr + pid_b * sz_b + offs_e * sz_e
@@ -765,19 +750,10 @@ def _scan_bwd_sequential_kernel(
     segment starts from the ``q`` that the later segments' summaries
     (``_scan_bwd_sequential_summary_kernel``) give.
     """
-    pid = tl.program_id(0)
-    seg = tl.program_id(1)
-    pid_e = pid % num_eblocks
-    pid_b = pid // num_eblocks
-    offs_e = pid_e * BLOCK_E + tl.arange(0, BLOCK_E)
-    offs_n = tl.arange(0, BLOCK_N)
-    n_mask = offs_n < N
+    pid, pid_b, seg, offs_e, offs_n, n_mask, group = _channel_block(num_eblocks, per_group, N, BLOCK_E, BLOCK_N)
     en_mask = n_mask[None, :]
-    group = (pid_e * BLOCK_E) // per_group
 
-    bias = tl.zeros([BLOCK_E], tl.float32)
-    if HAS_BIAS:
-        bias = tl.load(bias_ptr + offs_e).to(tl.float32)
+    bias = _channel_bias(bias_ptr, offs_e, HAS_BIAS, BLOCK_E)
     D = tl.zeros([BLOCK_E], tl.float32)
     if HAS_D:
         D = tl.load(D_ptr + offs_e).to(tl.float32)
