@@ -26,7 +26,7 @@ def kernels():
 
 def scan(kernels, backend, inputs, reverse, softplus=True, segments=False, sequential=False,
          sequential_backward=None, y_loss=True, state_loss=True, output_scale=1.0, prefetch=4, unroll=8,
-         split=False, segment_chunks=1, sequential_block_l=8):
+         split=False, segment_chunks=1, sequential_block_l=8, scratch_l=64):
     """Output, last state and the gradients of a weighted loss for one backend.
 
     ``sequential``: the frame-by-frame kernels run the forward pass and, unless
@@ -35,7 +35,8 @@ def scan(kernels, backend, inputs, reverse, softplus=True, segments=False, seque
     frame-by-frame kernels over segments of ``segment_chunks`` chunks (the
     backward one unless ``sequential_backward`` is False: the chunked one,
     over the same segments). ``sequential_block_l``: the frame-by-frame kernels'
-    chunk when they run both passes.
+    chunk when they run both passes; ``scratch_l``: the frames of a chunk whose states
+    the frame-by-frame backward kernel parks at once.
     ``inputs`` may hold an ``output_add``."""
     B, C = inputs["B"], inputs["C"]
     B, C = (B if B.dim() == 4 else B.unsqueeze(1)), (C if C.dim() == 4 else C.unsqueeze(1))
@@ -47,6 +48,7 @@ def scan(kernels, backend, inputs, reverse, softplus=True, segments=False, seque
                                       min_segment_chunks=segment_chunks, sequential_min_rows=int(frame_by_frame),
                                       sequential_block_l=sequential_block_l, sequential_block_e=2,
                                       sequential_prefetch=prefetch, sequential_unroll=unroll,
+                                      sequential_scratch_l=scratch_l,
                                       sequential_split_programs=10**6 if split_time else 0)
 
         backward = sequential if sequential_backward is None else sequential_backward
@@ -69,7 +71,7 @@ def scan(kernels, backend, inputs, reverse, softplus=True, segments=False, seque
 
 def check_against_reference(kernels, inputs, reverse, dtype=torch.float32, **options):
     kernel_options = ("segments", "sequential", "sequential_backward", "prefetch", "unroll", "split", "segment_chunks",
-                      "sequential_block_l")
+                      "sequential_block_l", "scratch_l")
     y_ref, last_ref, grads_ref = scan(kernels, "reference", inputs, reverse, **{
         k: v for k, v in options.items() if k not in kernel_options})
     y, last, grads = scan(kernels, "triton", inputs, reverse, **options)
@@ -130,6 +132,18 @@ def test_longer_frame_by_frame_chunks_than_the_chunked_kernels(kernels, forward_
                             sequential_block_l=16)
     check_against_reference(kernels, inputs, reverse, sequential=True, sequential_backward=False,
                             sequential_block_l=16)
+
+
+@pytest.mark.parametrize("scratch_l, split", [(4, False), (8, False), (4, True)])
+@pytest.mark.parametrize("initial", [False, True], ids=["zero-h0", "h0"])
+@pytest.mark.parametrize("reverse", [False, True])
+def test_backward_parks_a_chunk_s_states_in_parts(kernels, scratch_l, split, reverse, initial):
+    """The frame-by-frame backward kernel takes each chunk (16 frames; split in time, 8 frames in
+    segments of 2 chunks) in parts of ``scratch_l`` frames, each from the state a first walk left for
+    it; 45 frames end in a part of one frame."""
+    inputs = make_inputs(2, 4, 4, 45, 2, with_initial=initial)
+    check_against_reference(kernels, inputs, reverse, sequential=not split, sequential_block_l=16,
+                            scratch_l=scratch_l, unroll=2, split=split, segment_chunks=2)
 
 
 @pytest.mark.parametrize("length, block_l, sequential, stored", [

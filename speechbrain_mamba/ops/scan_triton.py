@@ -7,8 +7,9 @@ channel) rows (``ScanConfig``):
   one program keeps the ``(channels, N)`` state of its channel block in
   registers and reads each frame once, a few frames ahead of its arithmetic
   (the frames' memory latency, not arithmetic, bounds these kernels); the
-  backward kernel recomputes a chunk's states into a per-program scratch slot
-  and walks the adjoint back through them. DPMamba's many intra- and
+  backward kernel takes a chunk in parts of a few frames, recomputes a part's
+  states into a per-program scratch slot small enough to stay in the SM's
+  cache and walks the adjoint back through them. DPMamba's many intra- and
   inter-chunk sequences take both. SepMamba's few long sequences take both
   over segments of time: forward, each segment starts from the summaries (end
   state, total decay ``exp(A sum(dt))``) of the segments before it; backward,
@@ -50,10 +51,10 @@ channel-last activations (frames of its projections) stay channel-last.
 
 Speed on an H100 (benchmarks/results/scan_prefetch_h100_2026-11-24.md,
 scan_split_h100_2026-11-24.md, scan_backward_2026-11-24_h100/,
-scan_chunk_states_2026-11-24_h100/, sepmamba_backward_split_2026-11-24_h100/):
-forward 0.1-0.8 ms on DPMamba-M's 4-60 s shapes, up to 1.6 TB/s in fp32; the
-backward alone 0.4-5.7 ms, 3.5-8x the forward: forward + backward reach 2-13 % of
-the memory bandwidth. On SepMamba-M's stages, the segmented frame-by-frame
+scan_chunk_states_2026-11-24_h100/, sepmamba_backward_split_2026-11-24_h100/,
+scan_scratch_parts_2026-11-25_h100/): forward 0.1-0.8 ms on DPMamba-M's 4-60 s
+shapes, up to 1.6 TB/s in fp32; the backward alone 0.4-5.2 ms, 3.5-7x the
+forward: forward + backward reach 2-13 % of the memory bandwidth. On SepMamba-M's stages, the segmented frame-by-frame
 backward is 2-4x faster than the chunked one.
 """
 
@@ -120,8 +121,17 @@ class ScanConfig:
         Below ``sequential_min_rows`` (or when it is 0), the frame-by-frame
         kernels still run, with time split into segments until about this
         many programs run; 0: the chunked kernels run instead.
+    sequential_scratch_l : int
+        Frames whose recomputed states the frame-by-frame backward kernel
+        parks in its scratch slot at once (a power of two; at most a chunk):
+        it takes each chunk in parts of this many frames, after a walk through
+        the chunk that finds the state entering each part. A smaller slot
+        stays in the SM's cache at the cost of that walk.
     sequential_num_warps : int
         Warps per program of the frame-by-frame backward kernel (the forward one uses 1).
+    sequential_max_registers : int
+        Registers per thread the frame-by-frame backward kernel may use (more
+        programs fit on an SM with fewer; the rest spill); 0: the compiler's choice.
     sequential_prefetch : int
         How many frames ahead of their arithmetic the frame-by-frame kernels
         load a frame (at least 1; in the backward kernel: in the walk that
@@ -143,12 +153,15 @@ class ScanConfig:
     sequential_block_e: int = 16
     sequential_wide_min_rows: int = 0
     sequential_split_programs: int = 0
+    sequential_scratch_l: int = 8
     sequential_num_warps: int = 1
+    sequential_max_registers: int = 0
     sequential_prefetch: int = 4
     sequential_unroll: int = 8
 
     def __post_init__(self):
-        powers_of_two = ("block_e", "block_l", "sequential_block_l", "sequential_block_e", "sequential_unroll")
+        powers_of_two = ("block_e", "block_l", "sequential_block_l", "sequential_block_e", "sequential_unroll",
+                         "sequential_scratch_l")
         for name in powers_of_two:
             value = getattr(self, name)
             if value < 1 or value & (value - 1):
@@ -172,7 +185,9 @@ FORWARD_CONFIG_FP32 = replace(FORWARD_CONFIG, sequential_wide_min_rows=0)
 # The backward pass reuses the forward pass's chunks: its block_l is not read. Its recomputing walk
 # loads frames 4 ahead and unrolls 8 per step, as the forward kernel: 2-12 % faster than 1 ahead
 # without unrolling on DPMamba-M's shapes (benchmarks/results/scan_backward_2026-11-24_h100/). Few long
-# sequences (SepMamba) are split in time for the frame-by-frame backward kernel too.
+# sequences (SepMamba) are split in time for the frame-by-frame backward kernel too. Chunks are taken
+# in parts of 8 frames (sequential_scratch_l): 2-14 % faster than whole 64-frame chunks on DPMamba-M's
+# shapes (benchmarks/results/scan_scratch_parts_2026-11-25_h100/).
 BACKWARD_CONFIG = ScanConfig(sequential_prefetch=4, sequential_unroll=8, sequential_split_programs=2048)
 
 
@@ -660,16 +675,48 @@ def _scan_bwd_kernel(
 
 
 @triton.jit
-def _load_adjoint_frame(i, k, L, u_row, d_row, dy_row, z_row, B_seq, C_seq, scratch, su_l, sd_l, sy_l, sz_l, sB_l,
-                        sC_l, n_mask, BLOCK_E: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_L: tl.constexpr,
+def _load_adjoint_frame(i, slot_index, k, L, u_row, d_row, dy_row, z_row, B_seq, C_seq, scratch, su_l, sd_l, sy_l,
+                        sz_l, sB_l, sC_l, n_mask, BLOCK_E: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_L: tl.constexpr,
                         HAS_Z: tl.constexpr, REVERSE: tl.constexpr):
-    """Inputs of frame ``i`` of chunk ``k`` for the adjoint walk, its recomputed state included
-    (nothing before the chunk's first frame: the scratch slot holds this chunk only)."""
+    """Inputs of frame ``i`` of chunk ``k`` for the adjoint walk, its recomputed state (parked at
+    ``slot_index`` of the scratch slot) included; nothing for a negative ``slot_index`` (a frame before the
+    part of the chunk the slot holds)."""
     t = _frame_time(k * BLOCK_L + i, L, REVERSE)
+    in_slot = slot_index >= 0
     u, delta, B_t, C_t, z, dy = _load_frame(t, L, u_row, d_row, z_row, dy_row, B_seq, C_seq, su_l, sd_l, sz_l, sy_l,
-                                            sB_l, sC_l, n_mask, i >= 0, True, HAS_Z, True)
-    h = tl.load(scratch + i * (BLOCK_E * BLOCK_N), mask=i >= 0, other=0.0)
+                                            sB_l, sC_l, n_mask, in_slot, True, HAS_Z, True)
+    h = tl.load(scratch + slot_index * (BLOCK_E * BLOCK_N), mask=in_slot, other=0.0)
     return u, delta, dy, B_t, C_t, z, h
+
+
+@triton.jit
+def _recompute_states(h, k, first, count, L, A2, bias, u_row, d_row, B_seq, su_l, sd_l, sB_l, n_mask, scratch,
+                      park, BLOCK_E: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_L: tl.constexpr,
+                      PREFETCH: tl.constexpr, UNROLL: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
+                      REVERSE: tl.constexpr):
+    """The states after frames ``[first, first + count)`` of chunk ``k`` (``count`` a multiple of ``UNROLL``
+    or reaching the sequence's end), from the state ``h`` entering them; returns the last. Where ``park``,
+    each state goes to the scratch slot, frame ``first`` at index 0. As in the forward kernel, frames are
+    loaded ``PREFETCH`` ahead and ``UNROLL`` are unrolled per step; only ``u``, ``delta`` and ``B`` are read."""
+    ahead = ()
+    for p in tl.static_range(PREFETCH):
+        ahead = ahead + (_load_frame(_frame_time(k * BLOCK_L + first + p, L, REVERSE), L, u_row, d_row, u_row, u_row,
+                                     B_seq, B_seq, su_l, sd_l, su_l, su_l, sB_l, sB_l, n_mask, True,
+                                     False, False, False)[:3],)
+    for step in range(0, (count + UNROLL - 1) // UNROLL):
+        for f in tl.static_range(UNROLL):
+            i = first + step * UNROLL + f
+            t = _frame_time(k * BLOCK_L + i, L, REVERSE)
+            valid = (t >= 0) & (t < L)
+            u, delta, B_t = ahead[0]
+            ahead = ahead[1:] + (_load_frame(_frame_time(k * BLOCK_L + i + PREFETCH, L, REVERSE), L, u_row, d_row,
+                                             u_row, u_row, B_seq, B_seq, su_l, sd_l, su_l, su_l, sB_l, sB_l, n_mask,
+                                             True, False, False, False)[:3],)
+            dt, _ = _dt(delta[:, None], bias, HAS_BIAS, SOFTPLUS)
+            dt = tl.where(valid, dt, 0.0)
+            h = tl.exp2(dt * A2) * h + (dt * u[:, None]) * B_t[None, :]
+            tl.store(scratch + (i - first) * (BLOCK_E * BLOCK_N), h, mask=park)
+    return h
 
 
 @triton.jit
@@ -731,18 +778,23 @@ def _scan_bwd_sequential_kernel(
     sdu_b, sdu_e, sdu_l, sdd_b, sdd_e, sdd_l, sdz_b, sdz_e, sdz_l,
     sB_b, sB_g, sB_n, sB_l, sC_b, sC_g, sC_n, sC_l,
     N: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_L: tl.constexpr,
-    PREFETCH: tl.constexpr, UNROLL: tl.constexpr,
+    SCRATCH_L: tl.constexpr, PREFETCH: tl.constexpr, UNROLL: tl.constexpr,
     HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_H0: tl.constexpr,
     HAS_DLAST: tl.constexpr, SOFTPLUS: tl.constexpr, REVERSE: tl.constexpr, STORE_DH0: tl.constexpr,
 ):
     """Backward pass of one channel block over one segment of one sequence, one frame at a time.
 
-    Chunks are visited against scan order. For each, the states are recomputed
-    frame by frame from the chunk-entering state and parked in this program's
-    ``scratch`` slot (``BLOCK_L x BLOCK_E x BLOCK_N`` fp32, hot in cache), then
-    the adjoint ``q`` (the gradient reaching the state after a frame through
-    the next frame's decay) walks the chunk backwards with every per-frame
-    gradient: no scan tree, no per-state loop. The ``dB``/``dC`` shares of this
+    Chunks are visited against scan order, each in parts of ``SCRATCH_L``
+    frames, also against scan order. For each part, the states are recomputed
+    frame by frame from the state entering it and parked in this program's
+    ``scratch`` slot (``SCRATCH_L`` tiles of ``BLOCK_E x BLOCK_N`` fp32, then
+    ``BLOCK_L / SCRATCH_L`` tiles for the states entering the parts, which a
+    first walk through the chunk finds); then the adjoint ``q`` (the gradient
+    reaching the state after a frame through the next frame's decay) walks the
+    part backwards with every per-frame gradient: no scan tree, no per-state
+    loop. A whole 64-frame chunk would take 64 KiB per program, more than the
+    SM's cache holds for its resident programs; parts of 8 frames take 16 KiB
+    and measured 2-14 % faster, the first walk included. The ``dB``/``dC`` shares of this
     channel block go to a per-block buffer (summed by the caller: deterministic,
     no atomics); ``dA``, ``dD`` and the dt bias gradient are summed in registers.
 
@@ -773,7 +825,9 @@ def _scan_bwd_sequential_kernel(
     part_seq = (pid * L) * N + offs_n
     state_offs = (pid_b * E + offs_e[:, None]) * N + offs_n[None, :]
     tile_offs = tl.arange(0, BLOCK_E)[:, None] * BLOCK_N + offs_n[None, :]
-    scratch = scratch_ptr + (seg * tl.num_programs(0) + pid) * (BLOCK_L * BLOCK_E * BLOCK_N) + tile_offs
+    # This program's scratch slot: SCRATCH_L states, then the states entering each part of a chunk.
+    slot_tiles: tl.constexpr = SCRATCH_L + BLOCK_L // SCRATCH_L
+    scratch = scratch_ptr + (seg * tl.num_programs(0) + pid) * (slot_tiles * BLOCK_E * BLOCK_N) + tile_offs
     k_begin = seg * chunks_per_seg
     k_end = tl.minimum(k_begin + chunks_per_seg, num_chunks)
 
@@ -788,79 +842,77 @@ def _scan_bwd_sequential_kernel(
     grad_A = tl.zeros([BLOCK_E, BLOCK_N], tl.float32)
     grad_D = tl.zeros([BLOCK_E], tl.float32)
     grad_bias = tl.zeros([BLOCK_E], tl.float32)
+    tile = BLOCK_E * BLOCK_N
     for j in range(0, k_end - k_begin):
         k = k_end - 1 - j
         h = _chunk_entering_state(chunk_ptr, h0_ptr, pid_b * E + offs_e[:, None], k, num_chunks, offs_n[None, :],
                                   en_mask, N, HAS_H0)
-        # States of the chunk, in scan order, into the scratch slot. As in the forward kernel, frames
-        # are loaded PREFETCH frames ahead (the queue restarts in each chunk) and UNROLL frames are
-        # unrolled per step. Only u, delta and B are needed: the frames ahead carry those three.
-        ahead = ()
-        for p in tl.static_range(PREFETCH):
-            ahead = ahead + (_load_frame(_frame_time(k * BLOCK_L + p, L, REVERSE), L, u_row, d_row, z_row, dy_row,
-                                         B_seq, C_seq, su_l, sd_l, sz_l, sy_l, sB_l, sC_l, n_mask, True,
-                                         False, False, False)[:3],)
-        for step in range(0, _steps_in_chunk(k, L, BLOCK_L, UNROLL)):
-            for f in tl.static_range(UNROLL):
-                i = step * UNROLL + f
+        # The chunk is taken in parts of SCRATCH_L frames against scan order, so that the scratch slot
+        # holds SCRATCH_L frames' states, not BLOCK_L. Its walks: parts - 1 that leave the state entering
+        # each later part in the slot's boundary tiles, then, per part against scan order, one that parks
+        # the part's states and the adjoint walk back through them (one copy of each walk's code: the
+        # kernel's registers, not its instructions, bound it).
+        frames = tl.minimum(L - k * BLOCK_L, BLOCK_L)
+        parts = (frames + SCRATCH_L - 1) // SCRATCH_L
+        tl.store(scratch + SCRATCH_L * tile, h)
+        for walk in range(0, 2 * parts - 1):
+            finding = walk < parts - 1
+            part = tl.where(finding, walk, 2 * parts - 2 - walk)
+            first = part * SCRATCH_L
+            count = tl.minimum(frames - first, SCRATCH_L)
+            tl.debug_barrier()  # the boundary tiles and the previous part's states were written by these threads
+            h = tl.where(finding, h, tl.load(scratch + (SCRATCH_L + part) * tile))
+            h = _recompute_states(h, k, first, count, L, A2, bias, u_row, d_row, B_seq, su_l, sd_l, sB_l, n_mask,
+                                  scratch, not finding, BLOCK_E, BLOCK_N, BLOCK_L, PREFETCH, UNROLL, HAS_BIAS,
+                                  SOFTPLUS, REVERSE)
+            tl.store(scratch + (SCRATCH_L + part + 1) * tile, h, mask=finding)
+            tl.debug_barrier()
+            # The adjoint walk is not unrolled (unrolled, the kernel takes minutes to compile); it starts at
+            # the part's last frame inside the sequence.
+            ahead = ()
+            for p in tl.static_range(_ADJOINT_PREFETCH):
+                ahead = ahead + (_load_adjoint_frame(first + count - 1 - p, count - 1 - p, k, L, u_row, d_row, dy_row,
+                                                     z_row, B_seq, C_seq, scratch, su_l, sd_l, sy_l, sz_l, sB_l, sC_l,
+                                                     n_mask, BLOCK_E, BLOCK_N, BLOCK_L, HAS_Z, REVERSE),)
+            for r in range(0, tl.where(finding, 0, count)):
+                i = first + count - 1 - r
                 t = _frame_time(k * BLOCK_L + i, L, REVERSE)
                 valid = (t >= 0) & (t < L)
-                u, delta, B_t = ahead[0]
-                ahead = ahead[1:] + (_load_frame(_frame_time(k * BLOCK_L + i + PREFETCH, L, REVERSE), L, u_row,
-                                                 d_row, z_row, dy_row, B_seq, C_seq, su_l, sd_l, sz_l, sy_l, sB_l,
-                                                 sC_l, n_mask, True, False, False, False)[:3],)
-                dt, _ = _dt(delta[:, None], bias, HAS_BIAS, SOFTPLUS)
+                u, delta, dy, B_t, C_t, z, h = ahead[0]
+                ahead = ahead[1:] + (_load_adjoint_frame(i - _ADJOINT_PREFETCH, i - first - _ADJOINT_PREFETCH, k, L,
+                                                         u_row, d_row, dy_row, z_row, B_seq, C_seq, scratch, su_l,
+                                                         sd_l, sy_l, sz_l, sB_l, sC_l, n_mask, BLOCK_E, BLOCK_N,
+                                                         BLOCK_L, HAS_Z, REVERSE),)
+                dy = dy * out_scale
+                dt, slope = _dt(delta[:, None], bias, HAS_BIAS, SOFTPLUS)  # (BLOCK_E, 1)
                 dt = tl.where(valid, dt, 0.0)
-                h = tl.exp2(dt * A2) * h + (dt * u[:, None]) * B_t[None, :]
-                tl.store(scratch + i * (BLOCK_E * BLOCK_N), h)
-        # The scratch slot is written and read by the same threads (same layout), but make it explicit.
-        tl.debug_barrier()
-        # The adjoint walk is not unrolled (unrolled, the kernel takes minutes to compile); it starts at
-        # the chunk's last frame inside the sequence.
-        frames = tl.minimum(L - k * BLOCK_L, BLOCK_L)
-        ahead = ()
-        for p in tl.static_range(_ADJOINT_PREFETCH):
-            ahead = ahead + (_load_adjoint_frame(frames - 1 - p, k, L, u_row, d_row, dy_row, z_row, B_seq, C_seq,
-                                                 scratch, su_l, sd_l, sy_l, sz_l, sB_l, sC_l, n_mask, BLOCK_E,
-                                                 BLOCK_N, BLOCK_L, HAS_Z, REVERSE),)
-        for r in range(0, frames):
-            i = frames - 1 - r
-            t = _frame_time(k * BLOCK_L + i, L, REVERSE)
-            valid = (t >= 0) & (t < L)
-            u, delta, dy, B_t, C_t, z, h = ahead[0]
-            ahead = ahead[1:] + (_load_adjoint_frame(i - _ADJOINT_PREFETCH, k, L, u_row, d_row, dy_row, z_row, B_seq,
-                                                     C_seq, scratch, su_l, sd_l, sy_l, sz_l, sB_l, sC_l, n_mask,
-                                                     BLOCK_E, BLOCK_N, BLOCK_L, HAS_Z, REVERSE),)
-            dy = dy * out_scale
-            dt, slope = _dt(delta[:, None], bias, HAS_BIAS, SOFTPLUS)  # (BLOCK_E, 1)
-            dt = tl.where(valid, dt, 0.0)
-            dt_e, slope_e = tl.sum(dt, axis=1), tl.sum(slope, axis=1)  # the same as (BLOCK_E,) vectors
-            if HAS_Z:
-                sig_z = 1.0 / (1.0 + tl.exp2(-z * _LOG2E))
-                dout = dy * z * sig_z
-            else:
-                dout = dy
-            dtu = dt * u[:, None]  # (BLOCK_E, 1)
-            drive = dtu * B_t[None, :]
-            g = q + dout[:, None] * C_t[None, :]
-            # dA_t * h_{t-1} = h_t - drive_t: the part of the state that came through the decay.
-            g_decayed = g * (h - drive)
-            g_B = tl.sum(g * B_t[None, :], axis=1)
-            g_decay = tl.sum(g_decayed * A, axis=1)
-            grad_A += g_decayed * dt
-            grad_delta = tl.where(valid, (u * g_B + g_decay) * slope_e, 0.0)
-            grad_bias += grad_delta
-            grad_u = dt_e * g_B + D * dout
-            grad_D += dout * u
-            if HAS_Z:
-                out = tl.sum(h * C_t[None, :], axis=1) + D * u
-                grad_z = dy * out * sig_z * (1.0 + z * (1.0 - sig_z))
-                tl.store(dz_row + t * sdz_l, grad_z.to(dz_ptr.dtype.element_ty), mask=valid)
-            tl.store(du_row + t * sdu_l, grad_u.to(du_ptr.dtype.element_ty), mask=valid)
-            tl.store(dd_row + t * sdd_l, grad_delta.to(ddelta_ptr.dtype.element_ty), mask=valid)
-            tl.store(dB_part_ptr + part_seq + t * N, tl.sum(g * dtu, axis=0), mask=n_mask & valid)
-            tl.store(dC_part_ptr + part_seq + t * N, tl.sum(h * dout[:, None], axis=0), mask=n_mask & valid)
-            q = g * tl.exp2(dt * A2)
+                dt_e, slope_e = tl.sum(dt, axis=1), tl.sum(slope, axis=1)  # the same as (BLOCK_E,) vectors
+                if HAS_Z:
+                    sig_z = 1.0 / (1.0 + tl.exp2(-z * _LOG2E))
+                    dout = dy * z * sig_z
+                else:
+                    dout = dy
+                dtu = dt * u[:, None]  # (BLOCK_E, 1)
+                drive = dtu * B_t[None, :]
+                g = q + dout[:, None] * C_t[None, :]
+                # dA_t * h_{t-1} = h_t - drive_t: the part of the state that came through the decay.
+                g_decayed = g * (h - drive)
+                g_B = tl.sum(g * B_t[None, :], axis=1)
+                g_decay = tl.sum(g_decayed * A, axis=1)
+                grad_A += g_decayed * dt
+                grad_delta = tl.where(valid, (u * g_B + g_decay) * slope_e, 0.0)
+                grad_bias += grad_delta
+                grad_u = dt_e * g_B + D * dout
+                grad_D += dout * u
+                if HAS_Z:
+                    out = tl.sum(h * C_t[None, :], axis=1) + D * u
+                    grad_z = dy * out * sig_z * (1.0 + z * (1.0 - sig_z))
+                    tl.store(dz_row + t * sdz_l, grad_z.to(dz_ptr.dtype.element_ty), mask=valid)
+                tl.store(du_row + t * sdu_l, grad_u.to(du_ptr.dtype.element_ty), mask=valid)
+                tl.store(dd_row + t * sdd_l, grad_delta.to(ddelta_ptr.dtype.element_ty), mask=valid)
+                tl.store(dB_part_ptr + part_seq + t * N, tl.sum(g * dtu, axis=0), mask=n_mask & valid)
+                tl.store(dC_part_ptr + part_seq + t * N, tl.sum(h * dout[:, None], axis=0), mask=n_mask & valid)
+                q = g * tl.exp2(dt * A2)
         tl.debug_barrier()  # the next chunk overwrites the slot
 
     tl.atomic_add(dA_ptr + offs_e[:, None] * N + offs_n[None, :], grad_A, mask=en_mask)
@@ -1064,7 +1116,10 @@ def _backward(u, delta, A, B, C, D, z, delta_bias, initial_state, dy, dlast, chu
         programs = batch * num_eblocks
         chunks_per_seg, num_seg = (plan.num_chunks, 1) if enough_rows else _segments(
             programs, plan.num_chunks, config.sequential_split_programs, config.min_segment_chunks)
-        scratch = torch.empty(num_seg * programs, plan.block_l * sequential_block_e * plan.block_n, **f32)
+        # Per program: the states of scratch_l frames and those entering each part of a chunk.
+        scratch_l = min(config.sequential_scratch_l, plan.block_l)
+        slot_tiles = scratch_l + plan.block_l // scratch_l
+        scratch = torch.empty(num_seg * programs, slot_tiles * sequential_block_e * plan.block_n, **f32)
         # Each channel block's share of dB and dC, frames in order; summed over the group's blocks below.
         dB_part = torch.empty(batch, num_eblocks, length, state, **f32)
         dC_part = torch.empty_like(dB_part)
@@ -1084,8 +1139,9 @@ def _backward(u, delta, A, B, C, D, z, delta_bias, initial_state, dy, dlast, chu
             *inputs, scratch, seg_decay, seg_grad, du, ddelta, dA, dB_part, dC_part, dA if dD is None else dD,
             du if dz is None else dz, dA if dbias is None else dbias, dA if dh0 is None else dh0,
             channels, length, per_group, num_eblocks, plan.num_chunks, chunks_per_seg, num_seg, output_scale,
-            *strides, BLOCK_E=sequential_block_e, PREFETCH=config.sequential_prefetch,
-            UNROLL=min(config.sequential_unroll, plan.block_l), num_warps=config.sequential_num_warps, **flags,
+            *strides, BLOCK_E=sequential_block_e, SCRATCH_L=scratch_l, PREFETCH=config.sequential_prefetch,
+            UNROLL=min(config.sequential_unroll, scratch_l), num_warps=config.sequential_num_warps,
+            **({"maxnreg": config.sequential_max_registers} if config.sequential_max_registers else {}), **flags,
         )
 
         def group_sum(part: torch.Tensor) -> torch.Tensor:  # -> (batch, groups, N, L)
