@@ -7,14 +7,14 @@ of ``sequential_scratch_l`` frames shrinks the slot, at the cost of a first walk
 finds the state entering each part. This script times the backward pass alone (``scan_backward_ablation.times``)
 on DPMamba-M's shapes (``scan_state_interval.SHAPES``), fp32 and bf16, for a baseline copy of
 ``scan_triton.py`` (an earlier commit's, given by path) and the current module at each part length, in
-interleaved rounds (optionally with the kernel's registers capped, ``sequential_max_registers``); it prints
-the median of the rounds and each compiled kernel's registers and spills.
+interleaved rounds; it prints the median of the rounds and each compiled kernel's registers and spills.
+(``results/scan_scratch_parts_2026-11-25_h100/scratch_parts.txt`` also has variants with the registers
+capped at 128, from an option of commit a71e6d5 removed after that call.)
 
 Usage (from the repository root, on a GPU)::
 
     git show 9271f47:speechbrain_mamba/ops/scan_triton.py > /tmp/scan_baseline.py
-    python benchmarks/scan_scratch_parts.py --baseline /tmp/scan_baseline.py [--parts 64,32,16] \
-        [--max-registers 0,128] [--rounds 3]
+    python benchmarks/scan_scratch_parts.py --baseline /tmp/scan_baseline.py [--parts 64,16,8] [--rounds 3]
 """
 import argparse
 import statistics
@@ -48,15 +48,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--baseline", required=True, help="path of a copy of scan_triton.py to compare with")
     parser.add_argument("--parts", default="64,32,16", help="values of sequential_scratch_l to compare")
-    parser.add_argument("--max-registers", default="0", help="values of sequential_max_registers (0: compiler's)")
     parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds; the median is printed")
     args = parser.parse_args()
     baseline = load_module(Path(args.baseline))
     parts = [int(value) for value in args.parts.split(",")]
-    caps = [int(value) for value in args.max_registers.split(",")]
-    variants = [("baseline", baseline, {})] + [
-        (f"parts of {p}" + (f", {cap} regs" if cap else ""), scan_triton,
-         dict(sequential_scratch_l=p, sequential_max_registers=cap)) for p in parts for cap in caps]
+    variants = [("baseline", baseline, {})] + [(f"parts of {p}", scan_triton, dict(sequential_scratch_l=p))
+                                               for p in parts]
     print(header(), flush=True)
     print("\nBackward pass alone, median ms of the rounds (each round: do_bench median); in brackets: / baseline\n")
     print("| dtype | shape | " + " | ".join(name for name, _, _ in variants) + " |")

@@ -129,9 +129,6 @@ class ScanConfig:
         stays in the SM's cache at the cost of that walk.
     sequential_num_warps : int
         Warps per program of the frame-by-frame backward kernel (the forward one uses 1).
-    sequential_max_registers : int
-        Registers per thread the frame-by-frame backward kernel may use (more
-        programs fit on an SM with fewer; the rest spill); 0: the compiler's choice.
     sequential_prefetch : int
         How many frames ahead of their arithmetic the frame-by-frame kernels
         load a frame (at least 1; in the backward kernel: in the walk that
@@ -155,7 +152,6 @@ class ScanConfig:
     sequential_split_programs: int = 0
     sequential_scratch_l: int = 8
     sequential_num_warps: int = 1
-    sequential_max_registers: int = 0
     sequential_prefetch: int = 4
     sequential_unroll: int = 8
 
@@ -1140,8 +1136,7 @@ def _backward(u, delta, A, B, C, D, z, delta_bias, initial_state, dy, dlast, chu
             du if dz is None else dz, dA if dbias is None else dbias, dA if dh0 is None else dh0,
             channels, length, per_group, num_eblocks, plan.num_chunks, chunks_per_seg, num_seg, output_scale,
             *strides, BLOCK_E=sequential_block_e, SCRATCH_L=scratch_l, PREFETCH=config.sequential_prefetch,
-            UNROLL=min(config.sequential_unroll, scratch_l), num_warps=config.sequential_num_warps,
-            **({"maxnreg": config.sequential_max_registers} if config.sequential_max_registers else {}), **flags,
+            UNROLL=min(config.sequential_unroll, scratch_l), num_warps=config.sequential_num_warps, **flags,
         )
 
         def group_sum(part: torch.Tensor) -> torch.Tensor:  # -> (batch, groups, N, L)
