@@ -183,7 +183,8 @@ FORWARD_CONFIG_FP32 = replace(FORWARD_CONFIG, sequential_wide_min_rows=0)
 # without unrolling on DPMamba-M's shapes (benchmarks/results/scan_backward_2026-11-24_h100/). Few long
 # sequences (SepMamba) are split in time for the frame-by-frame backward kernel too. Chunks are taken
 # in parts of 8 frames (sequential_scratch_l): 2-14 % faster than whole 64-frame chunks on DPMamba-M's
-# shapes (benchmarks/results/scan_scratch_parts_2026-11-25_h100/).
+# shapes; SepMamba-M's training step, whose 32-frame chunks had a smaller slot, 1-3 % slower
+# (benchmarks/results/scan_scratch_parts_2026-11-25_h100/).
 BACKWARD_CONFIG = ScanConfig(sequential_prefetch=4, sequential_unroll=8, sequential_split_programs=2048)
 
 
