@@ -847,8 +847,8 @@ def _scan_bwd_sequential_kernel(
         # The chunk is taken in parts of SCRATCH_L frames against scan order, so that the scratch slot
         # holds SCRATCH_L frames' states, not BLOCK_L. Its walks: parts - 1 that leave the state entering
         # each later part in the slot's boundary tiles, then, per part against scan order, one that parks
-        # the part's states and the adjoint walk back through them (one copy of each walk's code: the
-        # kernel's registers, not its instructions, bound it).
+        # the part's states and the adjoint walk back through them (the first kind runs the same code
+        # with nothing parked and no adjoint frames).
         frames = tl.minimum(L - k * BLOCK_L, BLOCK_L)
         parts = (frames + SCRATCH_L - 1) // SCRATCH_L
         tl.store(scratch + SCRATCH_L * tile, h)
