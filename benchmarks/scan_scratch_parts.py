@@ -47,7 +47,7 @@ def registers(module) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--baseline", required=True, help="path of a copy of scan_triton.py to compare with")
-    parser.add_argument("--parts", default="64,32,16", help="values of sequential_scratch_l to compare")
+    parser.add_argument("--parts", default="64,16,8", help="values of sequential_scratch_l to compare")
     parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds; the median is printed")
     args = parser.parse_args()
     baseline = load_module(Path(args.baseline))

@@ -36,7 +36,8 @@ def scan(kernels, backend, inputs, reverse, softplus=True, segments=False, seque
     backward one unless ``sequential_backward`` is False: the chunked one,
     over the same segments). ``sequential_block_l``: the frame-by-frame kernels'
     chunk when they run both passes; ``scratch_l``: the frames of a chunk whose states
-    the frame-by-frame backward kernel parks at once.
+    the frame-by-frame backward kernel parks at once (64 here: whole chunks, unlike the
+    library's default of 8).
     ``inputs`` may hold an ``output_add``."""
     B, C = inputs["B"], inputs["C"]
     B, C = (B if B.dim() == 4 else B.unsqueeze(1)), (C if C.dim() == 4 else C.unsqueeze(1))
@@ -134,13 +135,14 @@ def test_longer_frame_by_frame_chunks_than_the_chunked_kernels(kernels, forward_
                             sequential_block_l=16)
 
 
-@pytest.mark.parametrize("scratch_l, split", [(4, False), (8, False), (4, True)])
+@pytest.mark.parametrize("scratch_l, split", [(1, False), (4, False), (8, False), (4, True)])
 @pytest.mark.parametrize("initial", [False, True], ids=["zero-h0", "h0"])
 @pytest.mark.parametrize("reverse", [False, True])
-def test_backward_parks_a_chunk_s_states_in_parts(kernels, scratch_l, split, reverse, initial):
+def test_backward_takes_chunks_in_scratch_parts(kernels, scratch_l, split, reverse, initial):
     """The frame-by-frame backward kernel takes each chunk (16 frames; split in time, 8 frames in
     segments of 2 chunks) in parts of ``scratch_l`` frames, each from the state a first walk left for
-    it; 45 frames end in a part of one frame."""
+    it; 45 frames end in a part of one frame, shorter than the 2 frames unrolled. One-frame parts unroll
+    one frame."""
     inputs = make_inputs(2, 4, 4, 45, 2, with_initial=initial)
     check_against_reference(kernels, inputs, reverse, sequential=not split, sequential_block_l=16,
                             scratch_l=scratch_l, unroll=2, split=split, segment_chunks=2)

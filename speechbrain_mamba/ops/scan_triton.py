@@ -8,8 +8,8 @@ channel) rows (``ScanConfig``):
   registers and reads each frame once, a few frames ahead of its arithmetic
   (the frames' memory latency, not arithmetic, bounds these kernels); the
   backward kernel takes a chunk in parts of a few frames, recomputes a part's
-  states into a per-program scratch slot small enough to stay in the SM's
-  cache and walks the adjoint back through them. DPMamba's many intra- and
+  states into a small per-program scratch slot and walks the adjoint back
+  through them. DPMamba's many intra- and
   inter-chunk sequences take both. SepMamba's few long sequences take both
   over segments of time: forward, each segment starts from the summaries (end
   state, total decay ``exp(A sum(dt))``) of the segments before it; backward,
@@ -35,9 +35,9 @@ Training memory: the forward pass keeps only the state entering each chunk of
 ``BLOCK_L`` frames after the first (the first chunk's is the initial state),
 ``(batch, E, ceil(L / BLOCK_L) - 1, N)`` fp32; the frame-by-frame kernels, when
 both passes take them, store one every ``sequential_block_l`` frames (64). The
-backward pass recomputes the states of a chunk from it, then runs the adjoint recurrence
-``g_t = C_t dout_t + dA_{t+1} g_{t+1}`` through the chunk in the opposite
-order. Every term of the gradient that needs ``h_{t-1}`` needs it multiplied by
+backward pass recomputes the states of a chunk (or of a part of it) from it,
+then runs the adjoint recurrence ``g_t = C_t dout_t + dA_{t+1} g_{t+1}``
+through them in the opposite order. Every term of the gradient that needs ``h_{t-1}`` needs it multiplied by
 ``dA_t``, which is ``h_t - dt_t B_t u_t``: no shifted copy of the states is needed.
 
 Gradients of ``B`` and ``C`` sum over channels: the chunked backward kernel adds
@@ -54,8 +54,8 @@ scan_split_h100_2026-11-24.md, scan_backward_2026-11-24_h100/,
 scan_chunk_states_2026-11-24_h100/, sepmamba_backward_split_2026-11-24_h100/,
 scan_scratch_parts_2026-11-25_h100/): forward 0.1-0.8 ms on DPMamba-M's 4-60 s
 shapes, up to 1.6 TB/s in fp32; the backward alone 0.4-5.2 ms, 3.5-7x the
-forward: forward + backward reach 2-13 % of the memory bandwidth. On SepMamba-M's stages, the segmented frame-by-frame
-backward is 2-4x faster than the chunked one.
+forward: forward + backward reach 2-13 % of the memory bandwidth. On SepMamba-M's
+stages, the segmented frame-by-frame backward is 2-4x faster than the chunked one.
 """
 
 import functools
@@ -123,21 +123,21 @@ class ScanConfig:
         many programs run; 0: the chunked kernels run instead.
     sequential_scratch_l : int
         Frames whose recomputed states the frame-by-frame backward kernel
-        parks in its scratch slot at once (a power of two; at most a chunk):
-        it takes each chunk in parts of this many frames, after a walk through
-        the chunk that finds the state entering each part. A smaller slot
-        stays in the SM's cache at the cost of that walk.
+        parks in its scratch slot at once (a power of two; clamped to the
+        chunk): it takes each chunk in parts of this many frames, after walks
+        through the chunk that find the state entering each part. A smaller
+        slot, for the cost of those walks.
     sequential_num_warps : int
         Warps per program of the frame-by-frame backward kernel (the forward one uses 1).
     sequential_prefetch : int
         How many frames ahead of their arithmetic the frame-by-frame kernels
-        load a frame (at least 1; in the backward kernel: in the walk that
-        recomputes a chunk's states, where the queue of loaded frames
-        restarts in each chunk; its adjoint walk loads 1 frame ahead).
+        load a frame (at least 1; in the backward kernel: in the walks that
+        recompute states, where the queue of loaded frames restarts in each
+        part of a chunk; its adjoint walk loads 1 frame ahead).
     sequential_unroll : int
         Frames unrolled per loop step of the frame-by-frame forward kernel and
-        of the backward kernel's recomputing walk (a power of two; a chunk's
-        frames when larger than a chunk).
+        of the backward kernel's recomputing walks (a power of two; lowered to
+        a chunk's frames, and in the backward kernel to ``sequential_scratch_l``).
     """
 
     block_e: int = 16
@@ -672,13 +672,13 @@ def _scan_bwd_kernel(
 
 
 @triton.jit
-def _load_adjoint_frame(i, slot_index, k, L, u_row, d_row, dy_row, z_row, B_seq, C_seq, scratch, su_l, sd_l, sy_l,
+def _load_adjoint_frame(slot_index, first, k, L, u_row, d_row, dy_row, z_row, B_seq, C_seq, scratch, su_l, sd_l, sy_l,
                         sz_l, sB_l, sC_l, n_mask, BLOCK_E: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_L: tl.constexpr,
                         HAS_Z: tl.constexpr, REVERSE: tl.constexpr):
-    """Inputs of frame ``i`` of chunk ``k`` for the adjoint walk, its recomputed state (parked at
-    ``slot_index`` of the scratch slot) included; nothing for a negative ``slot_index`` (a frame before the
-    part of the chunk the slot holds)."""
-    t = _frame_time(k * BLOCK_L + i, L, REVERSE)
+    """Inputs of the frame parked at ``slot_index`` of the scratch slot, which holds the part of chunk
+    ``k`` from its frame ``first`` on, for the adjoint walk, its recomputed state included; nothing for a
+    negative ``slot_index`` (a frame before the part)."""
+    t = _frame_time(k * BLOCK_L + first + slot_index, L, REVERSE)
     in_slot = slot_index >= 0
     u, delta, B_t, C_t, z, dy = _load_frame(t, L, u_row, d_row, z_row, dy_row, B_seq, C_seq, su_l, sd_l, sz_l, sy_l,
                                             sB_l, sC_l, n_mask, in_slot, True, HAS_Z, True)
@@ -785,15 +785,14 @@ def _scan_bwd_sequential_kernel(
     frames, also against scan order. For each part, the states are recomputed
     frame by frame from the state entering it and parked in this program's
     ``scratch`` slot (``SCRATCH_L`` tiles of ``BLOCK_E x BLOCK_N`` fp32, then
-    ``BLOCK_L / SCRATCH_L`` tiles for the states entering the parts, which a
-    first walk through the chunk finds); then the adjoint ``q`` (the gradient
+    ``BLOCK_L / SCRATCH_L`` tiles for the states entering the parts, which
+    walks through the chunk find first); then the adjoint ``q`` (the gradient
     reaching the state after a frame through the next frame's decay) walks the
     part backwards with every per-frame gradient: no scan tree, no per-state
-    loop. A whole 64-frame chunk would take 64 KiB per program, more than the
-    SM's cache holds for its resident programs; parts of 8 frames take 16 KiB
-    and measured 2-14 % faster, the first walk included. The ``dB``/``dC`` shares of this
-    channel block go to a per-block buffer (summed by the caller: deterministic,
-    no atomics); ``dA``, ``dD`` and the dt bias gradient are summed in registers.
+    loop. With 16 x 16 tiles, a whole 64-frame chunk takes 64 KiB per program,
+    parts of 8 frames 16 KiB. The ``dB``/``dC`` shares of this channel block go
+    to a per-block buffer (summed by the caller: deterministic, no atomics);
+    ``dA``, ``dD`` and the dt bias gradient are summed in registers.
 
     Few long sequences (SepMamba) are split into segments of time: each
     segment starts from the ``q`` that the later segments' summaries
@@ -822,7 +821,8 @@ def _scan_bwd_sequential_kernel(
     part_seq = (pid * L) * N + offs_n
     state_offs = (pid_b * E + offs_e[:, None]) * N + offs_n[None, :]
     tile_offs = tl.arange(0, BLOCK_E)[:, None] * BLOCK_N + offs_n[None, :]
-    # This program's scratch slot: SCRATCH_L states, then the states entering each part of a chunk.
+    # This program's scratch slot (allocated by _backward): SCRATCH_L states, then the states entering
+    # each part of a chunk.
     slot_tiles: tl.constexpr = SCRATCH_L + BLOCK_L // SCRATCH_L
     scratch = scratch_ptr + (seg * tl.num_programs(0) + pid) * (slot_tiles * BLOCK_E * BLOCK_N) + tile_offs
     k_begin = seg * chunks_per_seg
@@ -847,8 +847,9 @@ def _scan_bwd_sequential_kernel(
         # The chunk is taken in parts of SCRATCH_L frames against scan order, so that the scratch slot
         # holds SCRATCH_L frames' states, not BLOCK_L. Its walks: parts - 1 that leave the state entering
         # each later part in the slot's boundary tiles, then, per part against scan order, one that parks
-        # the part's states and the adjoint walk back through them (the first kind runs the same code
-        # with nothing parked and no adjoint frames).
+        # the part's states and the adjoint walk back through them. One loop runs both kinds (the first
+        # parks nothing and walks no adjoint frames): one inlined copy of the unrolled recomputing walk
+        # compiles faster than two (2.2-2.4 against 3.1-4.2 s for sm_90, compiled on the CPU).
         frames = tl.minimum(L - k * BLOCK_L, BLOCK_L)
         parts = (frames + SCRATCH_L - 1) // SCRATCH_L
         tl.store(scratch + SCRATCH_L * tile, h)
@@ -858,28 +859,30 @@ def _scan_bwd_sequential_kernel(
             first = part * SCRATCH_L
             count = tl.minimum(frames - first, SCRATCH_L)
             tl.debug_barrier()  # the boundary tiles and the previous part's states were written by these threads
-            h = tl.where(finding, h, tl.load(scratch + (SCRATCH_L + part) * tile))
+            h = tl.where(finding, h, tl.load(scratch + (SCRATCH_L + part) * tile, mask=not finding, other=0.0))
             h = _recompute_states(h, k, first, count, L, A2, bias, u_row, d_row, B_seq, su_l, sd_l, sB_l, n_mask,
                                   scratch, not finding, BLOCK_E, BLOCK_N, BLOCK_L, PREFETCH, UNROLL, HAS_BIAS,
                                   SOFTPLUS, REVERSE)
+            # (For the last part, the tile after the slot: never written, as only finding walks store.)
             tl.store(scratch + (SCRATCH_L + part + 1) * tile, h, mask=finding)
             tl.debug_barrier()
             # The adjoint walk is not unrolled (unrolled, the kernel takes minutes to compile); it starts at
             # the part's last frame inside the sequence.
+            adjoint_frames = tl.where(finding, 0, count)
             ahead = ()
             for p in tl.static_range(_ADJOINT_PREFETCH):
-                ahead = ahead + (_load_adjoint_frame(first + count - 1 - p, count - 1 - p, k, L, u_row, d_row, dy_row,
-                                                     z_row, B_seq, C_seq, scratch, su_l, sd_l, sy_l, sz_l, sB_l, sC_l,
-                                                     n_mask, BLOCK_E, BLOCK_N, BLOCK_L, HAS_Z, REVERSE),)
-            for r in range(0, tl.where(finding, 0, count)):
-                i = first + count - 1 - r
-                t = _frame_time(k * BLOCK_L + i, L, REVERSE)
+                ahead = ahead + (_load_adjoint_frame(adjoint_frames - 1 - p, first, k, L, u_row, d_row, dy_row, z_row,
+                                                     B_seq, C_seq, scratch, su_l, sd_l, sy_l, sz_l, sB_l, sC_l, n_mask,
+                                                     BLOCK_E, BLOCK_N, BLOCK_L, HAS_Z, REVERSE),)
+            for r in range(0, adjoint_frames):
+                slot_index = adjoint_frames - 1 - r
+                t = _frame_time(k * BLOCK_L + first + slot_index, L, REVERSE)
                 valid = (t >= 0) & (t < L)
                 u, delta, dy, B_t, C_t, z, h = ahead[0]
-                ahead = ahead[1:] + (_load_adjoint_frame(i - _ADJOINT_PREFETCH, i - first - _ADJOINT_PREFETCH, k, L,
-                                                         u_row, d_row, dy_row, z_row, B_seq, C_seq, scratch, su_l,
-                                                         sd_l, sy_l, sz_l, sB_l, sC_l, n_mask, BLOCK_E, BLOCK_N,
-                                                         BLOCK_L, HAS_Z, REVERSE),)
+                ahead = ahead[1:] + (_load_adjoint_frame(slot_index - _ADJOINT_PREFETCH, first, k, L, u_row, d_row,
+                                                         dy_row, z_row, B_seq, C_seq, scratch, su_l, sd_l, sy_l, sz_l,
+                                                         sB_l, sC_l, n_mask, BLOCK_E, BLOCK_N, BLOCK_L, HAS_Z,
+                                                         REVERSE),)
                 dy = dy * out_scale
                 dt, slope = _dt(delta[:, None], bias, HAS_BIAS, SOFTPLUS)  # (BLOCK_E, 1)
                 dt = tl.where(valid, dt, 0.0)
@@ -1113,7 +1116,8 @@ def _backward(u, delta, A, B, C, D, z, delta_bias, initial_state, dy, dlast, chu
         programs = batch * num_eblocks
         chunks_per_seg, num_seg = (plan.num_chunks, 1) if enough_rows else _segments(
             programs, plan.num_chunks, config.sequential_split_programs, config.min_segment_chunks)
-        # Per program: the states of scratch_l frames and those entering each part of a chunk.
+        # Per program: the states of scratch_l frames and those entering each part of a chunk (the
+        # kernel's slot_tiles).
         scratch_l = min(config.sequential_scratch_l, plan.block_l)
         slot_tiles = scratch_l + plan.block_l // scratch_l
         scratch = torch.empty(num_seg * programs, slot_tiles * sequential_block_e * plan.block_n, **f32)
