@@ -23,8 +23,9 @@ channel) rows (``ScanConfig``):
   with one program per channel block, so time is split into segments: a first
   launch scans every segment from a zero state and keeps only its total decay
   and end state; the main launch starts each segment from the state those
-  summaries give; the backward pass does the same for the adjoint. SepMamba's
-  backward pass takes these.
+  summaries give; the backward pass does the same for the adjoint. The
+  default configurations take the frame-by-frame kernels for every shape;
+  these run when ``sequential_split_programs`` is 0 (``ScanConfig``).
 
 Both fuse ``dt = softplus(delta + delta_bias)``, the ``D`` skip, the
 ``silu(z)`` gate and the output's scale and added tensor (BiMamba averages its
