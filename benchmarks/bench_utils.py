@@ -5,12 +5,14 @@ The scripts run as ``python benchmarks/<script>.py`` from the repository root,
 so this module is imported by its plain name (``benchmarks/`` is on sys.path).
 """
 
+import importlib.util
 import os
 import platform
 import statistics
 import time
 from contextlib import nullcontext
 from pathlib import Path
+from types import ModuleType
 from typing import Callable, ContextManager, Dict, List, Optional, TextIO, Tuple, Union
 
 import torch
@@ -70,6 +72,16 @@ def load_model(
     # Read as a file: its ``!include:`` paths (the recipes include the model files) resolve against its folder.
     with open(hparams_file) as stream:
         return modules_from_yaml(stream, device, overrides)
+
+
+def load_module(path: Union[str, Path]) -> ModuleType:
+    """A copy of a module (an earlier commit's kernels, an ablated variant) loaded from its file, beside the
+    package's own: Triton reads kernels' source from their file, so variants are compared as files."""
+    path = Path(path)
+    spec = importlib.util.spec_from_file_location(f"copy_of_{path.stem}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def modules_from_yaml(

@@ -9,7 +9,8 @@ pass, for:
 - ablations, copies of the module with one part of that kernel's source removed. Their gradients are
   wrong; only their time means something:
 
-  - ``no-recompute``: the walk that recomputes each chunk's states into the scratch slot is skipped;
+  - ``no-recompute``: the walks that recompute states (those that find the states entering a chunk's
+    parts and those that park a part's states in the scratch slot) are skipped;
   - ``no-dBdC``: the channel blocks' shares of ``dB`` and ``dC`` are not stored (so the two sums over
     the channels that make them are not computed either);
   - ``no-du-ddelta``: ``du`` and ``ddelta`` are not stored (``dz`` still is).
@@ -22,7 +23,6 @@ Usage (from the repository root, on a GPU)::
 
     python benchmarks/scan_backward_ablation.py
 """
-import importlib.util
 import sys
 import tempfile
 import time
@@ -35,6 +35,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from bench_utils import load_module  # noqa: E402
 from gpu_scan_kernels import header, make_inputs  # noqa: E402
 from speechbrain_mamba.ops import scan_triton  # noqa: E402
 
@@ -42,13 +43,14 @@ SHAPES = [("intra-4s", 33, 512, 250), ("inter-4s", 250, 512, 33), ("intra-60s", 
           ("inter-60s", 250, 512, 481)]
 # name -> (source text removed from _scan_bwd_sequential_kernel, its replacement)
 ABLATIONS = {
-    "no-recompute": ("        for step in range(0, BLOCK_L // UNROLL):\n            for f in tl.static_range(UNROLL):",
-                     "        for step in range(0, 0):\n            for f in tl.static_range(UNROLL):"),
-    "no-dBdC": ("            tl.store(dB_part_ptr + part_seq + t * N, tl.sum(g * dtu, axis=0), mask=n_mask & valid)\n"
-                "            tl.store(dC_part_ptr + part_seq + t * N, tl.sum(h * dout[:, None], axis=0), "
+    "no-recompute": ("    for step in range(0, (count + UNROLL - 1) // UNROLL):\n",
+                     "    for step in range(0, 0):\n"),
+    "no-dBdC": ("                tl.store(dB_part_ptr + part_seq + t * N, tl.sum(g * dtu, axis=0), "
+                "mask=n_mask & valid)\n"
+                "                tl.store(dC_part_ptr + part_seq + t * N, tl.sum(h * dout[:, None], axis=0), "
                 "mask=n_mask & valid)\n", ""),
-    "no-du-ddelta": ("            tl.store(du_row + t * sdu_l, grad_u.to(du_ptr.dtype.element_ty), mask=valid)\n"
-                     "            tl.store(dd_row + t * sdd_l, grad_delta.to(ddelta_ptr.dtype.element_ty), "
+    "no-du-ddelta": ("                tl.store(du_row + t * sdu_l, grad_u.to(du_ptr.dtype.element_ty), mask=valid)\n"
+                     "                tl.store(dd_row + t * sdd_l, grad_delta.to(ddelta_ptr.dtype.element_ty), "
                      "mask=valid)\n", ""),
 }
 SETTINGS = {
@@ -67,10 +69,7 @@ def ablated_module(name: str, folder: Path) -> ModuleType:
         raise RuntimeError(f"ablation {name}: the kernel source it removes was not found once; update ABLATIONS")
     path = folder / f"scan_{name.replace('-', '_')}.py"
     path.write_text(source.replace(old, new))
-    spec = importlib.util.spec_from_file_location(path.stem, path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_module(path)
 
 
 def times(module: ModuleType, inputs: dict, backward_fields: dict, time_forward: bool = False,

@@ -15,7 +15,6 @@ Usage (from the repository root, on a GPU)::
 """
 import argparse
 import functools
-import importlib.util
 import sys
 import time
 from pathlib import Path
@@ -25,6 +24,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from bench_utils import load_module  # noqa: E402
 from gpu_scan_kernels import bytes_moved, copy_bandwidth, header, make_inputs, time_point  # noqa: E402
 from speechbrain_mamba.ops import scan_triton  # noqa: E402
 from speechbrain_mamba.ops.selective_scan import BACKENDS  # noqa: E402
@@ -66,9 +66,7 @@ def main() -> None:
                         help="prefetch: distances 2/4/8 with whole 32-frame chunks unrolled; "
                              "unroll: 8 vs 16 frames unrolled, backward prefetch 1 vs 2")
     args = parser.parse_args()
-    spec = importlib.util.spec_from_file_location("scan_baseline", args.baseline)
-    baseline = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(baseline)
+    baseline = load_module(args.baseline)
     BACKENDS["baseline"] = baseline.selective_scan_triton
     print(header(), f"device-to-device copy {copy_bandwidth():.0f} GB/s", flush=True)
     if args.step == "prefetch":

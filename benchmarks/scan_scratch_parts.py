@@ -27,11 +27,11 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from bench_utils import load_module  # noqa: E402
 from gpu_scan_kernels import header, make_inputs  # noqa: E402
 from scan_backward_ablation import times  # noqa: E402
 from scan_state_interval import SHAPES  # noqa: E402
 from speechbrain_mamba.ops import scan_triton  # noqa: E402
-from sweep_conv_backward import load_module  # noqa: E402
 
 
 def registers(module) -> str:
@@ -50,7 +50,7 @@ def main() -> None:
     parser.add_argument("--parts", default="64,16,8", help="values of sequential_scratch_l to compare")
     parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds; the median is printed")
     args = parser.parse_args()
-    baseline = load_module(Path(args.baseline))
+    baseline = load_module(args.baseline)
     parts = [int(value) for value in args.parts.split(",")]
     variants = [("baseline", baseline, {})] + [(f"parts of {p}", scan_triton, dict(sequential_scratch_l=p))
                                                for p in parts]

@@ -13,7 +13,6 @@ Usage (GPU)::
 """
 
 import argparse
-import importlib.util
 import sys
 from pathlib import Path
 from types import ModuleType
@@ -21,21 +20,16 @@ from typing import List, Optional
 
 import torch
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from bench_utils import load_module  # noqa: E402
 from speechbrain_mamba.ops import causal_conv_triton  # noqa: E402
 
 # name, sequences, frames, channels (the Mamba mixer's E)
 SHAPES = [("dpmamba_m intra 4 s x4", 132, 250, 512), ("dpmamba_m inter 4 s x4", 1000, 33, 512),
           ("dpmamba_m intra 60 s", 481, 250, 512), ("sepmamba_m stage 1 4 s", 1, 15993, 256),
           ("sepmamba_m stage 3 4 s", 1, 3987, 1024)]
-
-
-def load_module(path: Path) -> ModuleType:
-    spec = importlib.util.spec_from_file_location(f"conv_{path.stem}", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def backward_ms(module: ModuleType, x, weight, bias, dout, config) -> float:

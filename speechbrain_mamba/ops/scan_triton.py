@@ -38,8 +38,9 @@ Training memory: the forward pass keeps only the state entering each chunk of
 both passes take them, store one every ``sequential_block_l`` frames (64). The
 backward pass recomputes the states of a chunk (or of a part of it) from it,
 then runs the adjoint recurrence ``g_t = C_t dout_t + dA_{t+1} g_{t+1}``
-through them in the opposite order. Every term of the gradient that needs ``h_{t-1}`` needs it multiplied by
-``dA_t``, which is ``h_t - dt_t B_t u_t``: no shifted copy of the states is needed.
+through them in the opposite order. Every term of the gradient that needs
+``h_{t-1}`` needs it multiplied by ``dA_t``, which is ``h_t - dt_t B_t u_t``:
+no shifted copy of the states is needed.
 
 Gradients of ``B`` and ``C`` sum over channels: the chunked backward kernel adds
 each channel block's share into an fp32 buffer with atomic adds (so their last
