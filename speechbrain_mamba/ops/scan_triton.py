@@ -68,12 +68,15 @@ from typing import Mapping, Optional, Tuple
 import torch
 import triton
 import triton.language as tl
+from triton.language.extra import libdevice
 
 from speechbrain_mamba.ops.grad_mode import needs_autograd
 from speechbrain_mamba.ops.triton_support import cdiv, check_32bit_offsets, interpreting, next_power_of_2
 
 _LOG2E = tl.constexpr(1.4426950408889634)
 _LN2 = tl.constexpr(0.6931471805599453)
+# Triton's interpreter has no libdevice (see _log2).
+_LIBDEVICE = tl.constexpr(not interpreting())
 # How many frames ahead the backward kernel's adjoint walk loads a frame: 2 or 4 were slower (each frame
 # in the queue holds its recomputed state tile; benchmarks/results/scan_prefetch_h100_2026-11-24.md, which
 # changed both of the kernel's walks together). Changed alone, 2 and 3 were no faster (-1 to +17 %) on
@@ -197,14 +200,29 @@ def _pair_combine(a_prev, b_prev, a_next, b_next):
 
 
 @triton.jit
-def _dt(delta, bias, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr):
-    """dt = softplus(delta + bias) in fp32, and d dt / d delta."""
+def _dt(delta, bias, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr, FAST: tl.constexpr):
+    """dt = softplus(delta + bias) in fp32, and d dt / d delta.
+
+    ``FAST`` (the backward kernels) takes the log on the special function unit (``lg2.approx``, relative
+    error below 2**-22) instead of ``tl.log2``'s polynomial of about 20 instructions, and the slope from
+    the softplus's exponential. The backward kernels, which recompute dt in up to three walks per frame,
+    ran 3-11 % faster with it; the forward kernel, the same code, took up to 1.5x as long in bf16 with
+    32-channel programs (H100, benchmarks/results/scan_fast_log_2026-11-25_h100/), so it keeps the
+    polynomial. Triton's interpreter has no libdevice.
+    """
     if HAS_BIAS:
         delta = delta + bias[:, None]
     if SOFTPLUS:
-        # max(x, 0) + log(1 + exp(-|x|)), in base 2 for the fast hardware units.
-        dt = tl.maximum(delta, 0.0) + _LN2 * tl.log2(1.0 + tl.exp2(-tl.abs(delta) * _LOG2E))
-        slope = 1.0 / (1.0 + tl.exp2(-delta * _LOG2E))
+        # max(x, 0) + log(1 + exp(-|x|)), in base 2 for the special function unit.
+        decay = tl.exp2(-tl.abs(delta) * _LOG2E)
+        if FAST and _LIBDEVICE:
+            dt = tl.maximum(delta, 0.0) + _LN2 * libdevice.fast_log2f(1.0 + decay)
+        else:
+            dt = tl.maximum(delta, 0.0) + _LN2 * tl.log2(1.0 + decay)
+        if FAST:
+            slope = tl.where(delta >= 0.0, 1.0, decay) / (1.0 + decay)
+        else:
+            slope = 1.0 / (1.0 + tl.exp2(-delta * _LOG2E))
     else:
         dt = delta
         slope = tl.full(delta.shape, 1.0, tl.float32)
@@ -341,7 +359,7 @@ def _scan_fwd_kernel(
         mask_et = mask_t[None, :]
         u = tl.load(u_row + t[None, :] * su_l, mask=mask_et, other=0.0).to(tl.float32)
         delta = tl.load(d_row + t[None, :] * sd_l, mask=mask_et, other=0.0).to(tl.float32)
-        dt, _ = _dt(delta, bias, HAS_BIAS, SOFTPLUS)
+        dt, _ = _dt(delta, bias, HAS_BIAS, SOFTPLUS, False)
         dt = tl.where(mask_et, dt, 0.0)  # padding frames: dA = 1, no input
         dtu = dt * u
         out = tl.zeros([BLOCK_E, BLOCK_L], tl.float32)
@@ -493,7 +511,7 @@ def _scan_fwd_sequential_kernel(
                 ahead = ahead[1:] + (_load_frame(_frame_time(frame + PREFETCH, L, REVERSE), L, u_row, d_row, z_row,
                                                  add_row, B_seq, C_seq, su_l, sd_l, sz_l, sa_l, sB_l, sC_l, n_mask,
                                                  True, LOAD_OUTPUT_INPUTS, LOAD_Z, LOAD_ADD),)
-                dt, _ = _dt(delta[:, None], bias, HAS_BIAS, SOFTPLUS)
+                dt, _ = _dt(delta[:, None], bias, HAS_BIAS, SOFTPLUS, False)
                 dt = tl.where(valid, dt, 0.0)  # padding frames: dA = 1, no input
                 state = tl.exp2(dt * A2) * state + (dt * u[:, None]) * B_t[None, :]
                 if SUMMARY:
@@ -596,10 +614,10 @@ def _scan_bwd_kernel(
         mask_next = (next_in_chunk & (t_next >= 0) & (t_next < L))[None, :]
 
         delta = tl.load(d_row + t[None, :] * sd_l, mask=mask_et, other=0.0).to(tl.float32)
-        dt, slope = _dt(delta, bias, HAS_BIAS, SOFTPLUS)
+        dt, slope = _dt(delta, bias, HAS_BIAS, SOFTPLUS, True)
         dt = tl.where(mask_et, dt, 0.0)
         delta_next = tl.load(d_row + t_next[None, :] * sd_l, mask=mask_next, other=0.0).to(tl.float32)
-        dt_next, _ = _dt(delta_next, bias, HAS_BIAS, SOFTPLUS)
+        dt_next, _ = _dt(delta_next, bias, HAS_BIAS, SOFTPLUS, True)
         dt_next = tl.where(mask_next, dt_next, 0.0)  # dA_next = 1 at the chunk's end
         dy = tl.load(dy_row + t[None, :] * sy_l, mask=mask_et, other=0.0).to(tl.float32) * out_scale
         if HAS_Z:
@@ -711,7 +729,7 @@ def _recompute_states(h, k, first, count, L, A2, bias, u_row, d_row, B_seq, su_l
             ahead = ahead[1:] + (_load_frame(_frame_time(k * BLOCK_L + i + PREFETCH, L, REVERSE), L, u_row, d_row,
                                              u_row, u_row, B_seq, B_seq, su_l, sd_l, su_l, su_l, sB_l, sB_l, n_mask,
                                              True, False, False, False)[:3],)
-            dt, _ = _dt(delta[:, None], bias, HAS_BIAS, SOFTPLUS)
+            dt, _ = _dt(delta[:, None], bias, HAS_BIAS, SOFTPLUS, True)
             dt = tl.where(valid, dt, 0.0)
             h = tl.exp2(dt * A2) * h + (dt * u[:, None]) * B_t[None, :]
             tl.store(scratch + (i - first) * (BLOCK_E * BLOCK_N), h, mask=park)
@@ -756,7 +774,7 @@ def _scan_bwd_sequential_summary_kernel(
         ahead = ahead[1:] + (_load_frame(_frame_time(end - 1 - r - PREFETCH, L, REVERSE), L, d_row, d_row, z_row,
                                          dy_row, C_seq, C_seq, sd_l, sd_l, sz_l, sy_l, sC_l, sC_l, n_mask, True, True,
                                          HAS_Z, True),)
-        dt, _ = _dt(delta[:, None], bias, HAS_BIAS, SOFTPLUS)
+        dt, _ = _dt(delta[:, None], bias, HAS_BIAS, SOFTPLUS, True)
         dout = dy * out_scale
         if HAS_Z:
             dout = dout * z / (1.0 + tl.exp2(-z * _LOG2E))
@@ -807,8 +825,9 @@ def _scan_bwd_sequential_kernel(
     D = tl.zeros([BLOCK_E], tl.float32)
     if HAS_D:
         D = tl.load(D_ptr + offs_e).to(tl.float32)
-    A = tl.load(A_ptr + offs_e[:, None] * N + offs_n[None, :], mask=en_mask, other=0.0).to(tl.float32)
-    A2 = A * _LOG2E
+    # Only A log2(e) is kept (the walks' exp2 argument; the gradient takes it times ln 2): holding A as
+    # well, the compiler recomputed A log2(e) in every frame to spare registers.
+    A2 = tl.load(A_ptr + offs_e[:, None] * N + offs_n[None, :], mask=en_mask, other=0.0).to(tl.float32) * _LOG2E
 
     u_row = u_ptr + pid_b * su_b + offs_e * su_e
     d_row = delta_ptr + pid_b * sd_b + offs_e * sd_e
@@ -886,7 +905,7 @@ def _scan_bwd_sequential_kernel(
                                                          sB_l, sC_l, n_mask, BLOCK_E, BLOCK_N, BLOCK_L, HAS_Z,
                                                          REVERSE),)
                 dy = dy * out_scale
-                dt, slope = _dt(delta[:, None], bias, HAS_BIAS, SOFTPLUS)  # (BLOCK_E, 1)
+                dt, slope = _dt(delta[:, None], bias, HAS_BIAS, SOFTPLUS, True)  # (BLOCK_E, 1)
                 dt = tl.where(valid, dt, 0.0)
                 dt_e, slope_e = tl.sum(dt, axis=1), tl.sum(slope, axis=1)  # the same as (BLOCK_E,) vectors
                 if HAS_Z:
@@ -900,7 +919,7 @@ def _scan_bwd_sequential_kernel(
                 # dA_t * h_{t-1} = h_t - drive_t: the part of the state that came through the decay.
                 g_decayed = g * (h - drive)
                 g_B = tl.sum(g * B_t[None, :], axis=1)
-                g_decay = tl.sum(g_decayed * A, axis=1)
+                g_decay = tl.sum(g_decayed * A2, axis=1) * _LN2
                 grad_A += g_decayed * dt
                 grad_delta = tl.where(valid, (u * g_B + g_decay) * slope_e, 0.0)
                 grad_bias += grad_delta
