@@ -15,7 +15,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from speechbrain_mamba.ops import causal_conv1d_silu, resolve_backend, selective_scan
+from speechbrain_mamba.ops import causal_conv1d_silu, resolve_backend, rms_norm, selective_scan
 from speechbrain_mamba.utils.recompute import Mark, RecomputedActivations, keep
 
 
@@ -414,8 +414,8 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(d_model))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Normalises in fp32 (one fused kernel where PyTorch has one), returns x's dtype."""
-        return F.rms_norm(x.float(), (x.shape[-1],), self.weight.float(), self.eps).to(x.dtype)
+        """Normalises in fp32 (one Triton kernel per pass on CUDA), returns x's dtype."""
+        return rms_norm(x, self.weight, self.eps)
 
 
 class MambaBlock(nn.Module):

@@ -1,6 +1,8 @@
-"""The selective scan behind one function, with interchangeable backends, and the mixer's causal convolution."""
+"""The selective scan behind one function, with interchangeable backends, the mixer's causal convolution and
+the Mamba blocks' RMSNorm."""
 
 from speechbrain_mamba.ops.causal_conv import causal_conv1d_silu
+from speechbrain_mamba.ops.rms_norm import rms_norm
 from speechbrain_mamba.ops.selective_scan import BACKEND_ENV_VAR, BACKENDS, resolve_backend, selective_scan
 
-__all__ = ["BACKEND_ENV_VAR", "BACKENDS", "causal_conv1d_silu", "resolve_backend", "selective_scan"]
+__all__ = ["BACKEND_ENV_VAR", "BACKENDS", "causal_conv1d_silu", "resolve_backend", "rms_norm", "selective_scan"]

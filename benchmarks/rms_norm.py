@@ -1,0 +1,132 @@
+"""The Mamba blocks' RMSNorm on its two backends: the norm alone, and whole models with one or the other.
+
+- The norm alone: forward and forward + backward GPU time (kernel time under the profiler, mean of 20
+  calls) of ``rms_norm(backend="torch")`` (``F.rms_norm`` in fp32 between casts) and
+  ``rms_norm(backend="triton")``, on DPMamba-M's intra- and inter-chunk rows (256 features), fp32 and bf16.
+- Whole models (``--models``): eager inference on 1 and 4 s and the training step on 4 s, eager and
+  CUDA-graphed (``cuda_graphs.measure_training``), the ``RMSNorm`` modules on one backend then the other
+  in interleaved rounds (``scan_ab.interleaved``); medians and ratio triton / torch.
+
+Usage (from the repository root, on a GPU)::
+
+    python benchmarks/rms_norm.py [--models dpmamba_m:bf16:1,dpmamba_m:bf16:4] [--rounds 3]
+"""
+import argparse
+import importlib
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import bench_utils  # noqa: E402
+from cuda_graphs import measure_training  # noqa: E402
+from gpu_scan_kernels import header  # noqa: E402
+from scan_ab import interleaved, ratio_cell  # noqa: E402
+from speechbrain_mamba.ops.rms_norm import rms_norm  # noqa: E402
+
+# The module itself (speechbrain_mamba.ops.rms_norm, an attribute, is the function of that name).
+rms_norm_module = importlib.import_module("speechbrain_mamba.ops.rms_norm")
+
+# (name, rows as (batch, time), features): DPMamba-M's intra- and inter-chunk stacks on 4 s at batch 4, 60 s.
+SHAPES = [("intra-4s-x4", (132, 250), 256), ("inter-4s-x4", (1000, 33), 256), ("intra-60s", (481, 250), 256)]
+BACKENDS = ("torch", "triton")
+
+
+def gpu_ms(fn, calls: int = 20) -> float:
+    """GPU time per call: the kernels' total time under the profiler (a lone norm is short enough that
+    timing it from the host measures the host)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from profile_model import kernel_totals
+
+    fn()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        for _ in range(calls):
+            fn()
+        torch.cuda.synchronize()
+    return kernel_totals(prof)[1] / calls
+
+
+def time_norm(shape, dtype) -> dict:
+    """{backend: (forward ms, forward + backward ms)}, GPU time."""
+    (batch, frames), features = shape
+    x = torch.randn(batch, frames, features, device="cuda", dtype=dtype, requires_grad=True)
+    weight = torch.ones(features, device="cuda", requires_grad=True)
+    grad = torch.randn_like(x)
+    results = {}
+    for backend in BACKENDS:
+        def forward():
+            with torch.no_grad():
+                rms_norm(x, weight, backend=backend)
+
+        def both():
+            torch.autograd.grad(rms_norm(x, weight, backend=backend), (x, weight), grad)
+
+        results[backend] = (gpu_ms(forward), gpu_ms(both))
+    return results
+
+
+def use_backend(backend: str) -> None:
+    """Points the RMSNorm modules' "auto" at ``backend`` (with no width fitting Triton, "auto" takes PyTorch)."""
+    rms_norm_module.TRITON_MAX_FEATURES = 8192 if backend == "triton" else 0
+
+
+def compare_models(cases: str, rounds: int) -> None:
+    device = torch.device("cuda")
+    print(f"\nWhole models, median ms of {rounds} interleaved rounds (training: median of 5 steps), "
+          "torch / triton (ratio)\n")
+    print("| model | dtype | batch | inference 1 s, eager | inference 4 s, eager | training 4 s, eager "
+          "| training 4 s, graphed |")
+    print("|---|---|---|---|---|---|---|")
+    for case in cases.split(","):
+        model, dtype, batch = case.split(":")
+        stem, overrides = bench_utils.parse_model(model)
+        net, num_spks, _ = bench_utils.load_model(bench_utils.HPARAMS_DIR / f"{stem}.yaml", device, overrides)
+
+        def measure(backend):
+            use_backend(backend)
+            row = {}
+            for seconds in (1, 4):
+                mixture, _ = bench_utils.random_batch(int(batch), seconds * bench_utils.SAMPLE_RATE, num_spks, device)
+                step = bench_utils.inference_step(net, num_spks, mixture, dtype)
+                times, _ = bench_utils.time_and_memory(step, device, warmup=2, repeats=10)
+                row[f"infer_{seconds}"] = bench_utils.median(times)
+            return dict(row, **measure_training(net, num_spks, 4.0, int(batch), dtype, 5))
+
+        measured = interleaved(list(BACKENDS), rounds, measure)
+        keys = ("infer_1", "infer_4", "eager_ms", "graph_ms")
+        cells = [ratio_cell(measured, lambda row, key=key: row[key]) for key in keys]
+        print(f"| {model} | {dtype} | {batch} | " + " | ".join(cells) + " |", flush=True)
+    use_backend("triton")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--models", default="dpmamba_m:bf16:1,dpmamba_m:bf16:4", help="model:dtype:batch cases")
+    parser.add_argument("--rounds", type=int, default=3)
+    args = parser.parse_args()
+    print(header(), flush=True)
+    start = time.monotonic()
+    print("\nThe norm alone, GPU ms per call: forward / forward + backward\n")
+    print("| dtype | shape | torch | triton | triton / torch |")
+    print("|---|---|---|---|---|")
+    for dtype in (torch.float32, torch.bfloat16):
+        for name, rows, features in SHAPES:
+            results = time_norm((rows, features), dtype)
+            (tf, tb), (rf, rb) = results["torch"], results["triton"]
+            print(f"| {str(dtype)[6:]} | {name} | {tf:.3f} / {tb:.3f} | {rf:.3f} / {rb:.3f} "
+                  f"| {rf / tf:.2f} / {rb / tb:.2f} |", flush=True)
+    if args.models:
+        compare_models(args.models, args.rounds)
+    print(f"\n({time.monotonic() - start:.0f} s)")
+
+
+if __name__ == "__main__":
+    if not torch.cuda.is_available():
+        sys.exit("needs a CUDA GPU")
+    main()
