@@ -15,7 +15,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from speechbrain_mamba.ops import causal_conv1d_silu, resolve_backend, rms_norm, selective_scan
+from speechbrain_mamba.ops import causal_conv1d_silu, layer_norm, resolve_backend, rms_norm, selective_scan
 from speechbrain_mamba.utils.recompute import Mark, RecomputedActivations, keep
 
 
@@ -418,6 +418,33 @@ class RMSNorm(nn.Module):
         return rms_norm(x, self.weight, self.eps)
 
 
+class LayerNorm(nn.LayerNorm):
+    """``nn.LayerNorm(d_model, eps)`` (same parameters and state-dict keys) that runs on the Triton
+    kernels of :func:`speechbrain_mamba.ops.layer_norm` on CUDA (SepMamba's blocks).
+
+    Arguments
+    ---------
+    d_model : int
+        Size of the last dimension.
+    eps : float
+        Added to the variance.
+
+    Example
+    -------
+    >>> norm = LayerNorm(8)
+    >>> x = torch.randn(2, 5, 8)
+    >>> torch.allclose(norm(x), nn.functional.layer_norm(x, (8,), norm.weight, norm.bias), atol=1e-6)
+    True
+    """
+
+    def __init__(self, d_model: int, eps: float = 1e-5):
+        super().__init__(d_model, eps=eps)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Normalises in fp32; the output dtype is ``nn.LayerNorm``'s (fp32 under autocast)."""
+        return layer_norm(x, self.weight, self.bias, self.eps)
+
+
 class MambaBlock(nn.Module):
     """Pre-norm residual block: ``residual += hidden``; ``hidden = mixer(norm(residual))``.
 
@@ -511,7 +538,7 @@ def _make_norm(kind: str, d_model: int, eps: float) -> nn.Module:
     if kind == "rmsnorm":
         return RMSNorm(d_model, eps=eps)
     if kind == "layernorm":
-        return nn.LayerNorm(d_model, eps=eps)
+        return LayerNorm(d_model, eps=eps)
     raise ValueError(f"norm={kind!r}: expected 'rmsnorm' or 'layernorm'.")
 
 

@@ -1,15 +1,17 @@
-"""The Mamba blocks' RMSNorm on its two backends: the norm alone, and whole models with one or the other.
+"""The Mamba blocks' norms on their two backends: the norms alone, and whole models with one or the other.
 
-- The norm alone: forward and forward + backward GPU time (kernel time under the profiler, mean of 20
-  calls) of ``rms_norm(backend="torch")`` (``F.rms_norm`` in fp32 between casts) and
-  ``rms_norm(backend="triton")``, on DPMamba-M's intra- and inter-chunk rows (256 features), fp32 and bf16.
-- Whole models (``--models``): eager inference on 1 and 4 s and the training step on 4 s, eager and
-  CUDA-graphed (``cuda_graphs.measure_training``), the ``RMSNorm`` modules on one backend then the other
-  in interleaved rounds (``scan_ab.interleaved``); medians and ratio triton / torch.
+- The norms alone: forward and forward + backward GPU time (kernel time under the profiler, mean of 20
+  calls) of ``rms_norm`` / ``layer_norm`` with ``backend="torch"`` (``F.rms_norm`` in fp32 between casts,
+  ``F.layer_norm``) and ``backend="triton"``, on DPMamba-M's intra- and inter-chunk rows (256 features)
+  and SepMamba-M's stages, fp32 and bf16.
+- Whole models (``--models``, ``model[:option=value]:dtype:batch``): eager inference on 1 and 4 s and the
+  training step on 4 s, eager and CUDA-graphed (``cuda_graphs.measure_training``), the norm modules
+  (``RMSNorm``, ``LayerNorm``) on one backend then the other in interleaved rounds
+  (``scan_ab.interleaved``); medians and ratio triton / torch.
 
 Usage (from the repository root, on a GPU)::
 
-    python benchmarks/rms_norm.py [--models dpmamba_m:bf16:1,dpmamba_m:bf16:4] [--rounds 3]
+    python benchmarks/norm.py [--models dpmamba_m:bf16:1,dpmamba_m:bf16:4,sepmamba_m:fp32:1] [--rounds 3]
 """
 import argparse
 import importlib
@@ -26,13 +28,15 @@ import bench_utils  # noqa: E402
 from cuda_graphs import measure_training  # noqa: E402
 from gpu_scan_kernels import header  # noqa: E402
 from scan_ab import interleaved, ratio_cell  # noqa: E402
-from speechbrain_mamba.ops.rms_norm import rms_norm  # noqa: E402
+from speechbrain_mamba.ops.norm import layer_norm, rms_norm  # noqa: E402
 
-# The module itself (speechbrain_mamba.ops.rms_norm, an attribute, is the function of that name).
-rms_norm_module = importlib.import_module("speechbrain_mamba.ops.rms_norm")
+norm_module = importlib.import_module("speechbrain_mamba.ops.norm")
 
-# (name, rows as (batch, time), features): DPMamba-M's intra- and inter-chunk stacks on 4 s at batch 4, 60 s.
-SHAPES = [("intra-4s-x4", (132, 250), 256), ("inter-4s-x4", (1000, 33), 256), ("intra-60s", (481, 250), 256)]
+# (norm, name, rows as (batch, time), features): DPMamba-M's intra- and inter-chunk stacks on 4 s at batch 4
+# and 60 s; SepMamba-M's first and deepest stages on 4 s (d_model 128 and 512).
+SHAPES = [("rms", "intra-4s-x4", (132, 250), 256), ("rms", "inter-4s-x4", (1000, 33), 256),
+          ("rms", "intra-60s", (481, 250), 256), ("layer", "sepM-stage1-4s", (1, 15993), 128),
+          ("layer", "sepM-stage3-4s", (1, 3987), 512)]
 BACKENDS = ("torch", "triton")
 
 
@@ -52,28 +56,44 @@ def gpu_ms(fn, calls: int = 20) -> float:
     return kernel_totals(prof)[1] / calls
 
 
-def time_norm(shape, dtype) -> dict:
+def time_norm(kind, shape, dtype) -> dict:
     """{backend: (forward ms, forward + backward ms)}, GPU time."""
     (batch, frames), features = shape
     x = torch.randn(batch, frames, features, device="cuda", dtype=dtype, requires_grad=True)
     weight = torch.ones(features, device="cuda", requires_grad=True)
+    bias = torch.zeros(features, device="cuda", requires_grad=True)
     grad = torch.randn_like(x)
     results = {}
     for backend in BACKENDS:
+        if kind == "rms":
+            def norm():
+                return rms_norm(x, weight, backend=backend)
+            params = (x, weight)
+        else:
+            def norm():
+                return layer_norm(x, weight, bias, backend=backend)
+            params = (x, weight, bias)
+
+        # bf16 as in the models: under autocast (PyTorch's layer_norm takes no bf16 input with fp32
+        # parameters outside it; both backends then return fp32).
+        autocast = dict(device_type="cuda", dtype=torch.bfloat16, enabled=dtype == torch.bfloat16)
+
         def forward():
-            with torch.no_grad():
-                rms_norm(x, weight, backend=backend)
+            with torch.no_grad(), torch.autocast(**autocast):
+                norm()
 
         def both():
-            torch.autograd.grad(rms_norm(x, weight, backend=backend), (x, weight), grad)
+            with torch.autocast(**autocast):
+                out = norm()
+            torch.autograd.grad(out, params, grad.to(out.dtype))
 
         results[backend] = (gpu_ms(forward), gpu_ms(both))
     return results
 
 
 def use_backend(backend: str) -> None:
-    """Points the RMSNorm modules' "auto" at ``backend`` (with no width fitting Triton, "auto" takes PyTorch)."""
-    rms_norm_module.TRITON_MAX_FEATURES = 8192 if backend == "triton" else 0
+    """Points the norm modules' "auto" at ``backend`` (with no width fitting Triton, "auto" takes PyTorch)."""
+    norm_module.TRITON_MAX_FEATURES = 8192 if backend == "triton" else 0
 
 
 def compare_models(cases: str, rounds: int) -> None:
@@ -84,7 +104,7 @@ def compare_models(cases: str, rounds: int) -> None:
           "| training 4 s, graphed |")
     print("|---|---|---|---|---|---|---|")
     for case in cases.split(","):
-        model, dtype, batch = case.split(":")
+        model, dtype, batch = case.rsplit(":", 2)
         stem, overrides = bench_utils.parse_model(model)
         net, num_spks, _ = bench_utils.load_model(bench_utils.HPARAMS_DIR / f"{stem}.yaml", device, overrides)
 
@@ -112,14 +132,14 @@ def main() -> None:
     args = parser.parse_args()
     print(header(), flush=True)
     start = time.monotonic()
-    print("\nThe norm alone, GPU ms per call: forward / forward + backward\n")
-    print("| dtype | shape | torch | triton | triton / torch |")
-    print("|---|---|---|---|---|")
+    print("\nThe norms alone, GPU ms per call: forward / forward + backward\n")
+    print("| norm | dtype | shape | torch | triton | triton / torch |")
+    print("|---|---|---|---|---|---|")
     for dtype in (torch.float32, torch.bfloat16):
-        for name, rows, features in SHAPES:
-            results = time_norm((rows, features), dtype)
+        for kind, name, rows, features in SHAPES:
+            results = time_norm(kind, (rows, features), dtype)
             (tf, tb), (rf, rb) = results["torch"], results["triton"]
-            print(f"| {str(dtype)[6:]} | {name} | {tf:.3f} / {tb:.3f} | {rf:.3f} / {rb:.3f} "
+            print(f"| {kind} | {str(dtype)[6:]} | {name} | {tf:.3f} / {tb:.3f} | {rf:.3f} / {rb:.3f} "
                   f"| {rf / tf:.2f} / {rb / tb:.2f} |", flush=True)
     if args.models:
         compare_models(args.models, args.rounds)

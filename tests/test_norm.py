@@ -1,0 +1,226 @@
+"""The Mamba blocks' norms, RMSNorm and LayerNorm: PyTorch path, Triton kernels (interpreted on the CPU), checks.
+
+Every backend is compared with the definition computed in float64, forward and
+gradients. The interpreted kernels run with tiles of 2 rows, so that rows are
+split over several tiles, programs and loop steps, and the last tile is
+partly masked; the CUDA tests at the end compare them with the PyTorch path
+at DPMamba's and SepMamba's shapes.
+"""
+
+import importlib.util
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from speechbrain_mamba.lobes.mamba import LayerNorm, RMSNorm
+from speechbrain_mamba.ops import layer_norm, rms_norm
+from speechbrain_mamba.ops.norm import load_triton_norms
+from triton_interpret import interpreted
+
+HAS_CUDA = torch.cuda.is_available()
+EPS = 1e-5
+KINDS = ["rms", "layer"]
+
+
+def definition(kind, x, weight, bias, eps=EPS):
+    """The norm in float64: ``(x - mean) / sqrt(var + eps) * weight + bias``; RMSNorm: no mean, no bias."""
+    x64 = x.double()
+    if kind == "layer":
+        x64 = x64 - x64.mean(-1, keepdim=True)
+    out = x64 * torch.rsqrt(x64.pow(2).mean(-1, keepdim=True) + eps) * weight.double()
+    return out if bias is None else out + bias.double()
+
+
+def make_inputs(kind, shape, dtype=torch.float32, seed=0):
+    """x (shifted, so that LayerNorm's mean matters), weight, bias (LayerNorm only), grad_out."""
+    g = torch.Generator().manual_seed(seed)
+    x = (3 * torch.randn(*shape, generator=g) + 0.5).to(dtype)
+    weight = 1 + 0.5 * torch.randn(shape[-1], generator=g)
+    bias = 0.5 * torch.randn(shape[-1], generator=g) if kind == "layer" else None
+    grad_out = torch.randn(*shape, generator=g).to(dtype)
+    return (x.requires_grad_(), weight.requires_grad_(), None if bias is None else bias.requires_grad_(),
+            grad_out)
+
+
+def public(kind, backend=None):
+    """The public function of ``kind`` as ``fn(x, weight, bias)``."""
+    if kind == "rms":
+        return lambda x, w, b: rms_norm(x, w, EPS, backend=backend)
+    return lambda x, w, b: layer_norm(x, w, b, EPS, backend=backend)
+
+
+def interpreted_fn(kernels, kind):
+    if kind == "rms":
+        return lambda x, w, b: kernels.rms_norm_triton(x, w, EPS)
+    return lambda x, w, b: kernels.layer_norm_triton(x, w, b, EPS)
+
+
+def forward_and_grads(fn, x, weight, bias, grad_out):
+    out = fn(x, weight, bias)
+    inputs = [t for t in (x, weight, bias) if t is not None]
+    return (out, *torch.autograd.grad(out, inputs, grad_out))
+
+
+def assert_matches_definition(kind, fn, x, weight, bias, grad_out, atol):
+    out, *grads = forward_and_grads(fn, x, weight, bias, grad_out)
+    ref_inputs = [None if t is None else t.detach().double().requires_grad_() for t in (x, weight, bias)]
+    ref_out, *ref_grads = forward_and_grads(lambda *a: definition(kind, *a), *ref_inputs, grad_out.double())
+    assert out.dtype == x.dtype and out.shape == x.shape
+    assert [g.dtype for g in grads] == [t.dtype for t in (x, weight, bias) if t is not None]
+    torch.testing.assert_close(out.double(), ref_out, atol=atol, rtol=atol)
+    torch.testing.assert_close(grads[0].double(), ref_grads[0], atol=atol, rtol=atol)
+    for grad, ref in zip(grads[1:], ref_grads[1:]):  # sums over every row
+        torch.testing.assert_close(grad.double(), ref, atol=atol * x.numel() ** 0.5, rtol=atol)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_torch_path_matches_definition(kind):
+    assert_matches_definition(kind, public(kind, "torch"), *make_inputs(kind, (3, 7, 12)), atol=1e-5)
+
+
+def test_modules_match_definition_and_keep_their_parameters():
+    x = make_inputs("layer", (2, 5, 12))[0].detach()
+    rms, layer = RMSNorm(12, eps=EPS), LayerNorm(12, eps=EPS)
+    assert torch.equal(rms.weight, torch.ones(12))
+    assert isinstance(layer, torch.nn.LayerNorm) and set(layer.state_dict()) == {"weight", "bias"}
+    torch.testing.assert_close(rms(x).double(), definition("rms", x, rms.weight, None), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(layer(x), F.layer_norm(x, (12,), layer.weight, layer.bias, EPS))
+
+
+def test_bad_arguments_are_refused(monkeypatch):
+    x = torch.zeros(2, 3, 4)
+    with pytest.raises(ValueError, match=r"weight must be \(4,\) for x of shape \(2, 3, 4\); got \(5,\)"):
+        rms_norm(x, torch.ones(5))
+    with pytest.raises(ValueError, match=r"bias must be \(4,\) for x of shape \(2, 3, 4\); got \(3,\)"):
+        layer_norm(x, torch.ones(4), torch.zeros(3))
+    with pytest.raises(ValueError, match=r"backend='cuda'.*'auto', 'torch', 'triton'"):
+        rms_norm(x, torch.ones(4), backend="cuda")
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    with pytest.raises(ValueError, match="backend='triton' runs on CUDA tensors only.*x is on cpu"):
+        layer_norm(x, torch.ones(4), None, backend="triton")
+
+
+# ---------------------------------------------------------------- Triton kernels, interpreted
+
+@pytest.fixture(scope="class")  # torn down after the class: the CUDA tests then compile
+def kernels():
+    if importlib.util.find_spec("triton") is None:
+        pytest.skip("needs triton")
+    load_triton_norms.cache_clear()
+    with interpreted("speechbrain_mamba.ops.norm_triton") as module:
+        module._TILE_ELEMENTS = 32  # 2 rows of 12 (16 padded) features per tile
+        try:
+            yield module
+        finally:
+            load_triton_norms.cache_clear()
+
+
+def strided(kind, shape):
+    """A view with unit feature stride whose leading dims are not contiguous (the intra-chunk stack's input)."""
+    x, weight, bias, grad_out = make_inputs(kind, (shape[1], shape[0], shape[2]))
+    return x.detach().transpose(0, 1).requires_grad_(), weight, bias, grad_out.transpose(0, 1)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+class TestInterpretedKernels:
+    """The kernels on the CPU with 2-row tiles; the interpreted module is gone before the CUDA tests run."""
+
+    @pytest.mark.parametrize("shape", [(3, 7, 12), (37, 12), (1, 1, 5), (2, 3, 4, 12)], ids=str)
+    def test_triton_matches_definition(self, kernels, kind, shape):
+        assert_matches_definition(kind, interpreted_fn(kernels, kind), *make_inputs(kind, shape), atol=1e-5)
+
+    def test_triton_reads_strided_rows_and_gradients_in_place(self, kernels, kind):
+        x, weight, bias, grad_out = strided(kind, (3, 7, 12))
+        assert not x.is_contiguous() and not grad_out.is_contiguous()
+        assert_matches_definition(kind, interpreted_fn(kernels, kind), x, weight, bias, grad_out, atol=1e-5)
+
+    def test_triton_bf16_input_keeps_its_dtype(self, kernels, kind):
+        # Against the definition on the same bf16 values: only the output's and dx's roundings differ.
+        assert_matches_definition(kind, interpreted_fn(kernels, kind),
+                                  *make_inputs(kind, (3, 7, 12), dtype=torch.bfloat16), atol=2e-2)
+
+    def test_public_function_dispatches_to_triton_when_interpreting(self, kernels, kind, monkeypatch):
+        original, calls = kernels._forward, []
+
+        def recorded(*args, **kwargs):
+            calls.append(tuple(args[0].shape))
+            return original(*args, **kwargs)
+
+        monkeypatch.setattr(kernels, "_forward", recorded)
+        x, weight, bias, _ = make_inputs(kind, (2, 3, 12))
+        public(kind)(x.detach(), weight.detach(), None if bias is None else bias.detach())
+        assert calls == [(2, 3, 12)]
+
+    def test_triton_without_autograd_gives_autograds_output(self, kernels, kind):
+        x, weight, bias, _ = make_inputs(kind, (3, 7, 12))
+        with torch.no_grad():
+            plain = interpreted_fn(kernels, kind)(x, weight, bias)
+        assert torch.equal(plain, interpreted_fn(kernels, kind)(x, weight, bias).detach())
+
+    def test_triton_gradient_of_x_alone(self, kernels, kind):
+        x, weight, bias, grad_out = make_inputs(kind, (3, 7, 12))
+        weight, bias = weight.detach(), None if bias is None else bias.detach()
+        (dx,) = torch.autograd.grad(interpreted_fn(kernels, kind)(x, weight, bias), x, grad_out)
+        ref_x = x.detach().double().requires_grad_()
+        (ref_dx,) = torch.autograd.grad(definition(kind, ref_x, weight, bias), ref_x, grad_out.double())
+        torch.testing.assert_close(dx.double(), ref_dx, atol=1e-5, rtol=1e-5)
+
+    def test_triton_refuses_what_the_kernels_cannot_do(self, kernels, kind, monkeypatch):
+        fn = interpreted_fn(kernels, kind)
+        with pytest.raises(ValueError, match="1 to 8192 features; x has 8193"):
+            fn(torch.zeros(1, 8193), torch.ones(8193), None)
+        monkeypatch.delenv("TRITON_INTERPRET")
+        with pytest.raises(ValueError, match="CUDA tensors only.*x is on cpu"):
+            fn(torch.zeros(1, 4), torch.ones(4), None)
+
+
+# ---------------------------------------------------------------- CUDA
+
+cuda_only = pytest.mark.skipif(not HAS_CUDA or load_triton_norms() is None, reason="needs CUDA and triton")
+
+
+@cuda_only
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("layout", ["contiguous", "strided"])
+@pytest.mark.parametrize("shape", [(132, 250, 256), (1000, 33, 256), (2, 16000, 64), (1, 4000, 1024)], ids=str)
+def test_cuda_triton_matches_torch(shape, layout, dtype, kind):
+    x, weight, bias, grad_out = strided(kind, shape) if layout == "strided" else make_inputs(kind, shape)
+    x = x.detach().to("cuda", dtype).requires_grad_()
+    weight, grad_out = weight.detach().cuda().requires_grad_(), grad_out.to("cuda", dtype)
+    bias = None if bias is None else bias.detach().cuda().requires_grad_()
+    triton_out, *triton_grads = forward_and_grads(public(kind, "triton"), x, weight, bias, grad_out)
+    # PyTorch's layer_norm takes no bf16 input with fp32 parameters outside autocast: given in fp32.
+    reference = public(kind, "torch") if kind == "rms" else (
+        lambda x, w, b: F.layer_norm(x.float(), (x.shape[-1],), w, b, EPS).to(x.dtype))
+    torch_out, *torch_grads = forward_and_grads(reference, x, weight, bias, grad_out)
+    tol = 1e-5 if dtype == torch.float32 else 1e-2  # bf16: one rounding of the output and of dx
+    torch.testing.assert_close(triton_out, torch_out, atol=tol, rtol=tol)
+    torch.testing.assert_close(triton_grads[0], torch_grads[0], atol=tol, rtol=tol)
+    for triton_grad, torch_grad in zip(triton_grads[1:], torch_grads[1:]):
+        # Sums of a product over every row in fp32 on both backends, in different orders.
+        torch.testing.assert_close(triton_grad, torch_grad, atol=1e-4 * x[..., 0].numel() ** 0.5, rtol=1e-4)
+
+
+@cuda_only
+@pytest.mark.parametrize("kind", KINDS)
+def test_cuda_triton_parameter_gradients_are_deterministic(kind):
+    x, weight, bias, grad_out = (t if t is None else t.detach().cuda() for t in make_inputs(kind, (64, 250, 256)))
+    params = [t.requires_grad_() for t in (weight, bias) if t is not None]
+    grads = [torch.autograd.grad(public(kind)(x, weight, bias), params, grad_out) for _ in range(2)]
+    assert all(torch.equal(a, b) for a, b in zip(*grads))
+
+
+@cuda_only
+@pytest.mark.parametrize("module_class", [RMSNorm, LayerNorm])
+def test_cuda_modules_under_autocast_give_torchs_dtypes(module_class):
+    norm = module_class(256).cuda()
+    x = torch.randn(4, 100, 256, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        out = norm(x)
+        expected = (F.rms_norm(x.float(), (256,), norm.weight, norm.eps).to(x.dtype) if module_class is RMSNorm
+                    else F.layer_norm(x, (256,), norm.weight, norm.bias, norm.eps))
+    out.float().sum().backward()
+    assert out.dtype == expected.dtype and x.grad.dtype == torch.bfloat16 and norm.weight.grad.dtype == torch.float32
+    torch.testing.assert_close(out, expected.detach(), atol=1e-2, rtol=1e-2)
