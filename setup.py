@@ -21,7 +21,7 @@ setup(
     python_requires=">=3.9",
     install_requires=[
         "speechbrain>=1.1.2",
-        "torch>=2.1",
+        "torch>=2.4",  # F.rms_norm, torch.is_autocast_enabled(device_type), Triton 3 (libdevice)
         "torchaudio",
         "hyperpyyaml",
         "soundfile",

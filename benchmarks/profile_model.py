@@ -59,7 +59,7 @@ def kernel_totals(prof: profile) -> Tuple[List[Tuple[str, int, float]], float, i
     """
     totals: Dict[str, List[float]] = {}
     for event in prof.events():
-        if event.device_type == DeviceType.CUDA and not event.is_user_annotation:
+        if event.device_type == DeviceType.CUDA and not getattr(event, "is_user_annotation", False):
             entry = totals.setdefault(event.name, [0, 0.0])
             entry[0] += 1
             entry[1] += event.time_range.elapsed_us() / 1e3

@@ -51,7 +51,8 @@ def interleaved(names: list, rounds: int, measure) -> dict:
 
 
 def ratio_cell(measured: dict, key) -> str:
-    """``baseline / current (ratio)`` of the medians of ``key(result)``."""
+    """``first / second (ratio second / first)`` of the medians of ``key(result)``, for the two entries of
+    ``measured`` in order (baseline then current)."""
     base, current = (statistics.median(key(result) for result in measured[name]) for name in measured)
     return f"{base:.3f} / {current:.3f} ({current / base:.2f})"
 
@@ -76,8 +77,9 @@ def compare_training(modules: dict, cases: str, rounds: int) -> None:
     print("| model | dtype | batch | eager: baseline / current (ratio) | graphed: baseline / current (ratio) |")
     print("|---|---|---|---|---|")
     device = torch.device("cuda")
+    package_backend = BACKENDS["triton"]
     for case in cases.split(","):
-        model, dtype, batch = case.split(":")
+        model, dtype, batch = case.rsplit(":", 2)
         stem, overrides = bench_utils.parse_model(model)
         net, num_spks, _ = bench_utils.load_model(bench_utils.HPARAMS_DIR / f"{stem}.yaml", device, overrides)
 
@@ -86,6 +88,7 @@ def compare_training(modules: dict, cases: str, rounds: int) -> None:
             return measure_training(net, num_spks, 4.0, int(batch), dtype, 5)
 
         measured = interleaved(list(modules), rounds, measure)
+        BACKENDS["triton"] = package_backend
         cells = [ratio_cell(measured, lambda row, key=key: row[key]) for key in ("eager_ms", "graph_ms")]
         print(f"| {model} | {dtype} | {batch} | " + " | ".join(cells) + " |", flush=True)
 

@@ -82,10 +82,13 @@ def test_torch_path_matches_definition(kind):
 def test_modules_match_definition_and_keep_their_parameters():
     x = make_inputs("layer", (2, 5, 12))[0].detach()
     rms, layer = RMSNorm(12, eps=EPS), LayerNorm(12, eps=EPS)
+    with torch.no_grad():
+        layer.bias.normal_()
     assert torch.equal(rms.weight, torch.ones(12))
     assert isinstance(layer, torch.nn.LayerNorm) and set(layer.state_dict()) == {"weight", "bias"}
     torch.testing.assert_close(rms(x).double(), definition("rms", x, rms.weight, None), atol=1e-5, rtol=1e-5)
-    torch.testing.assert_close(layer(x), F.layer_norm(x, (12,), layer.weight, layer.bias, EPS))
+    torch.testing.assert_close(layer(x).double(), definition("layer", x, layer.weight, layer.bias), atol=1e-5,
+                               rtol=1e-5)
 
 
 def test_bad_arguments_are_refused(monkeypatch):
@@ -140,6 +143,32 @@ class TestInterpretedKernels:
         assert_matches_definition(kind, interpreted_fn(kernels, kind),
                                   *make_inputs(kind, (3, 7, 12), dtype=torch.bfloat16), atol=2e-2)
 
+    def test_triton_edge_shapes_and_layouts(self, kernels, kind):
+        fn = interpreted_fn(kernels, kind)
+        assert_matches_definition(kind, fn, *make_inputs(kind, (12,)), atol=1e-5)  # one row
+        x, weight, bias, grad_out = make_inputs(kind, (3, 7, 24))
+        every_other = x.detach()[..., ::2].requires_grad_()  # feature stride 2: read from a copy
+        assert_matches_definition(kind, fn, every_other, weight[:12].detach().requires_grad_(),
+                                  None if bias is None else bias[:12].detach().requires_grad_(),
+                                  grad_out[..., ::2], atol=1e-5)
+        strided_weight = torch.randn(12, 2)[:, 0].requires_grad_()  # read from a copy, gradient passed back
+        assert_matches_definition(kind, fn, *make_inputs(kind, (3, 7, 12))[:1], strided_weight, None,
+                                  make_inputs(kind, (3, 7, 12))[3], atol=1e-5)
+        empty = torch.zeros(2, 3, 0, 12, requires_grad=True)
+        out = fn(empty, weight[:12].detach(), None)
+        assert out.shape == empty.shape and torch.autograd.grad(out.sum(), empty)[0].shape == empty.shape
+
+    def test_triton_reads_the_rows_of_a_view_in_place(self, kernels, kind):
+        x = strided(kind, (3, 7, 12))[0]
+        assert kernels._rows(x)[0].data_ptr() == x.data_ptr()
+
+    def test_triton_refuses_double_backward(self, kernels, kind):
+        x, weight, bias, _ = make_inputs(kind, (3, 7, 12))
+        (dx,) = torch.autograd.grad(interpreted_fn(kernels, kind)(x, weight, bias).pow(2).sum(), x,
+                                    create_graph=True)
+        with pytest.raises(RuntimeError, match="twice|double|once"):
+            dx.sum().backward()
+
     def test_public_function_dispatches_to_triton_when_interpreting(self, kernels, kind, monkeypatch):
         original, calls = kernels._forward, []
 
@@ -149,14 +178,21 @@ class TestInterpretedKernels:
 
         monkeypatch.setattr(kernels, "_forward", recorded)
         x, weight, bias, _ = make_inputs(kind, (2, 3, 12))
-        public(kind)(x.detach(), weight.detach(), None if bias is None else bias.detach())
+        bias = None if bias is None else bias.detach()
+        public(kind)(x.detach(), weight.detach(), bias)
         assert calls == [(2, 3, 12)]
+        public(kind)(x.detach().double(), weight.detach().double(), None if bias is None else bias.double())
+        assert calls == [(2, 3, 12)], "float64 should stay on PyTorch (the kernels compute in fp32)"
 
     def test_triton_without_autograd_gives_autograds_output(self, kernels, kind):
         x, weight, bias, _ = make_inputs(kind, (3, 7, 12))
         with torch.no_grad():
             plain = interpreted_fn(kernels, kind)(x, weight, bias)
         assert torch.equal(plain, interpreted_fn(kernels, kind)(x, weight, bias).detach())
+
+    def test_triton_without_bias(self, kernels, kind):
+        x, weight, _, grad_out = make_inputs(kind, (3, 7, 12))
+        assert_matches_definition(kind, interpreted_fn(kernels, kind), x, weight, None, grad_out, atol=1e-5)
 
     def test_triton_gradient_of_x_alone(self, kernels, kind):
         x, weight, bias, grad_out = make_inputs(kind, (3, 7, 12))

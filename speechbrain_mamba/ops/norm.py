@@ -25,6 +25,7 @@ def load_triton_norms() -> Optional[ModuleType]:
 
 
 def _check_parameters(x: torch.Tensor, **parameters: Optional[torch.Tensor]) -> None:
+    """Raises a ValueError naming the first parameter that is not ``(N,)`` for ``x`` of ``(..., N)``."""
     for name, parameter in parameters.items():
         if parameter is not None and parameter.shape != (x.shape[-1],):
             raise ValueError(
@@ -39,7 +40,8 @@ def _backend(x: torch.Tensor, backend: Optional[str]) -> Optional[ModuleType]:
         raise ValueError(f"backend={backend!r} is not a norm backend; expected None or one of {NORM_BACKENDS}.")
     on_triton_device = x.is_cuda or interpreting()
     if name == "auto":
-        fits = x.shape[-1] <= TRITON_MAX_FEATURES
+        # The kernels compute in fp32: float64 stays on PyTorch, which keeps its precision.
+        fits = 1 <= x.shape[-1] <= TRITON_MAX_FEATURES and x.dtype in (torch.float32, torch.float16, torch.bfloat16)
         return load_triton_norms() if on_triton_device and fits else None
     if name == "torch":
         return None
@@ -70,9 +72,9 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-5, backend: 
     eps : float
         Added to the mean square.
     backend : str, optional
-        ``"torch"``, ``"triton"`` or ``"auto"`` (the default): Triton for CUDA
-        tensors when it imports and ``N <= 8192`` (or under
-        ``TRITON_INTERPRET=1``), PyTorch otherwise.
+        ``"torch"``, ``"triton"`` or ``"auto"`` (the default): Triton for
+        fp32, fp16 and bf16 CUDA tensors when it imports and ``1 <= N <= 8192``
+        (or under ``TRITON_INTERPRET=1``), PyTorch otherwise.
 
     Returns
     -------

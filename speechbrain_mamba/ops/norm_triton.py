@@ -31,7 +31,8 @@ _TILE_ELEMENTS = 4096
 
 @triton.jit
 def _centred(x, mask, N, CENTER: tl.constexpr):
-    """``x`` minus its row mean (LayerNorm) or ``x`` itself (RMSNorm); zeros where ``mask`` is false."""
+    """``x`` minus its row mean (LayerNorm) or ``x`` itself (RMSNorm); zeros where ``mask`` is false (for
+    RMSNorm because the loads fill masked elements with zeros)."""
     if CENTER:
         x = tl.where(mask, x - (tl.sum(x, axis=1) / N)[:, None], 0.0)
     return x
@@ -116,36 +117,44 @@ def _rows(t: torch.Tensor) -> Tuple[torch.Tensor, int, int, int]:
     return t, t.shape[1], t.stride(0), t.stride(1)
 
 
-def _tile(features: int) -> Tuple[int, int]:
+def _tile(features: int) -> Tuple[int, int, int]:
+    """Rows per tile, padded row width and warps per program: about ``_TILE_ELEMENTS`` elements per tile,
+    and more warps for rows wider than a tile so that each thread holds at most 64 elements per tensor."""
     block_n = next_power_of_2(features)
-    return max(1, _TILE_ELEMENTS // block_n), block_n
+    return max(1, _TILE_ELEMENTS // block_n), block_n, max(4, min(16, block_n // 512))
+
+
+# Most fp32 elements of the backward kernel's partial rows (one per program, for dw and again for db): 16 MiB.
+_PARTIAL_ELEMENTS = 1 << 22
 
 
 @functools.lru_cache(maxsize=None)
-def _backward_programs(device_index: int) -> int:
+def _backward_programs(device_index: int, features: int) -> int:
     """Most programs of the backward kernel: 32 per SM, enough to keep the SMs busy (one tile each at
     DPMamba-M's 4 s shapes; 4 per SM, each looping over several tiles, made the fp32 RMSNorm pass 1.3-1.5x
-    PyTorch's time there). Their partial rows of the weight gradient stay a few MiB."""
+    PyTorch's time there), fewer for wide rows so that the partial rows stay within 16 MiB."""
     if interpreting():
         return 4
-    return 32 * torch.cuda.get_device_properties(device_index).multi_processor_count
+    per_sm = 32 * torch.cuda.get_device_properties(device_index).multi_processor_count
+    return max(1, min(per_sm, _PARTIAL_ELEMENTS // features))
 
 
 def _forward(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], eps: float, center: bool,
              out_dtype: torch.dtype, store_rstd: bool) -> Tuple[torch.Tensor, torch.Tensor]:
     """(y, 1 / std per row, or an empty tensor without ``store_rstd``)."""
+    y = torch.empty(x.shape, dtype=out_dtype, device=x.device)
+    if not x.numel():
+        return y, torch.empty(0, dtype=torch.float32, device=x.device)
     features = x.shape[-1]
     rows, T, sx_b, sx_t = _rows(x)
     M = rows.shape[0] * T
-    y = torch.empty(x.shape, dtype=out_dtype, device=x.device)
     rstd = torch.empty(M if store_rstd else 0, dtype=torch.float32, device=x.device)
-    block_m, block_n = _tile(features)
-    if M:
-        _norm_fwd_kernel[(cdiv(M, block_m),)](
-            rows, weight, weight if bias is None else bias, y, rstd, M, T, features, sx_b, sx_t, eps,
-            BLOCK_M=block_m, BLOCK_N=block_n, CENTER=center, HAS_BIAS=bias is not None, STORE_RSTD=store_rstd,
-            num_warps=4,
-        )
+    block_m, block_n, num_warps = _tile(features)
+    _norm_fwd_kernel[(cdiv(M, block_m),)](
+        rows, weight, weight if bias is None else bias, y, rstd, M, T, features, sx_b, sx_t, eps,
+        BLOCK_M=block_m, BLOCK_N=block_n, CENTER=center, HAS_BIAS=bias is not None, STORE_RSTD=store_rstd,
+        num_warps=num_warps,
+    )
     return y, rstd
 
 
@@ -153,22 +162,23 @@ def _backward(x: torch.Tensor, weight: torch.Tensor, has_bias: bool, rstd: torch
               center: bool) -> Tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
     """(dx in ``x``'s dtype, dw in fp32, db in fp32 or None)."""
     features = x.shape[-1]
+    dx = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+    f32 = dict(dtype=torch.float32, device=x.device)
+    if not x.numel():
+        return dx, torch.zeros(features, **f32), torch.zeros(features, **f32) if has_bias else None
     rows, T, sx_b, sx_t = _rows(x)
     dy_rows, _, sdy_b, sdy_t = _rows(dy)  # the same shape as x: the same rows
     M = rows.shape[0] * T
-    dx = torch.empty(x.shape, dtype=x.dtype, device=x.device)
-    f32 = dict(dtype=torch.float32, device=x.device)
-    if not M:
-        return dx, torch.zeros(features, **f32), torch.zeros(features, **f32) if has_bias else None
-    block_m, block_n = _tile(features)
+    block_m, block_n, num_warps = _tile(features)
     tiles = cdiv(M, block_m)
-    tiles_per_program = cdiv(tiles, min(_backward_programs(x.device.index or 0), tiles))
+    tiles_per_program = cdiv(tiles, min(_backward_programs(x.device.index or 0, features), tiles))
     programs = cdiv(tiles, tiles_per_program)
     dw_part = torch.empty(programs, features, **f32)
     db_part = torch.empty(programs if has_bias else 0, features, **f32)
     _norm_bwd_kernel[(programs,)](
         rows, weight, dy_rows, rstd, dx, dw_part, db_part, M, T, features, sx_b, sx_t, sdy_b, sdy_t,
-        tiles_per_program, BLOCK_M=block_m, BLOCK_N=block_n, CENTER=center, HAS_BIAS=has_bias, num_warps=4,
+        tiles_per_program, BLOCK_M=block_m, BLOCK_N=block_n, CENTER=center, HAS_BIAS=has_bias,
+        num_warps=num_warps,
     )
     return dx, dw_part.sum(0), db_part.sum(0) if has_bias else None
 
@@ -185,6 +195,7 @@ class _TritonNorm(torch.autograd.Function):
         return y
 
     @staticmethod
+    @torch.autograd.function.once_differentiable  # no double backward: raise rather than drop a term
     def backward(ctx, dy):
         x, weight, rstd = ctx.saved_tensors
         dx, dw, db = _backward(x, weight, ctx.has_bias, rstd, dy, ctx.center)
@@ -194,6 +205,7 @@ class _TritonNorm(torch.autograd.Function):
 
 
 def _check(x: torch.Tensor, *parameters: Optional[torch.Tensor]) -> None:
+    """What only the kernels need: the device, the parameters beside ``x``, the row width."""
     if not x.is_cuda and not interpreting():
         raise ValueError(f"the Triton norms run on CUDA tensors only (or under TRITON_INTERPRET=1); "
                          f"x is on {x.device}.")
@@ -204,7 +216,12 @@ def _check(x: torch.Tensor, *parameters: Optional[torch.Tensor]) -> None:
         raise ValueError(f"the Triton norms take 1 to {MAX_FEATURES} features; x has {x.shape[-1]}.")
 
 
-def _norm(x, weight, bias, eps, center, out_dtype) -> torch.Tensor:
+def _norm(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], eps: float, center: bool,
+          out_dtype: torch.dtype) -> torch.Tensor:
+    """Either norm, through autograd when a gradient is needed. The kernels read the parameters with unit
+    stride: a strided view is copied (differentiably)."""
+    weight = weight.contiguous()
+    bias = None if bias is None else bias.contiguous()
     if not needs_autograd(x, weight, bias):
         return _forward(x, weight, bias, float(eps), center, out_dtype, store_rstd=False)[0]
     return _TritonNorm.apply(x, weight, bias, float(eps), center, out_dtype)

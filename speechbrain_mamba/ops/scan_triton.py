@@ -75,7 +75,7 @@ from speechbrain_mamba.ops.triton_support import cdiv, check_32bit_offsets, inte
 
 _LOG2E = tl.constexpr(1.4426950408889634)
 _LN2 = tl.constexpr(0.6931471805599453)
-# Triton's interpreter has no libdevice (see _log2).
+# Triton's interpreter has no libdevice: the interpreted kernels take tl.log2 (see _dt).
 _LIBDEVICE = tl.constexpr(not interpreting())
 # How many frames ahead the backward kernel's adjoint walk loads a frame: 2 or 4 were slower (each frame
 # in the queue holds its recomputed state tile; benchmarks/results/scan_prefetch_h100_2026-11-24.md, which
@@ -203,12 +203,13 @@ def _pair_combine(a_prev, b_prev, a_next, b_next):
 def _dt(delta, bias, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr, FAST: tl.constexpr):
     """dt = softplus(delta + bias) in fp32, and d dt / d delta.
 
-    ``FAST`` (the backward kernels) takes the log on the special function unit (``lg2.approx``, relative
-    error below 2**-22) instead of ``tl.log2``'s polynomial of about 20 instructions, and the slope from
-    the softplus's exponential. The backward kernels, which recompute dt in up to three walks per frame,
-    ran 3-11 % faster with it; the forward kernel, the same code, took up to 1.5x as long in bf16 with
-    32-channel programs (H100, benchmarks/results/scan_fast_log_2026-11-25_h100/), so it keeps the
-    polynomial. Triton's interpreter has no libdevice.
+    ``FAST`` (the backward kernels) takes the log on the special function unit (``lg2.approx``, an error
+    of about 2**-22 next to the 2**-24 rounding of ``1 + exp(-|x|)`` that both forms share) instead of
+    ``tl.log2``'s polynomial of about 20 instructions, and the slope from the softplus's exponential (no
+    overflow: the exponential stays in (0, 1]). The backward kernels, which recompute dt in up to three
+    walks per frame, ran 3-11 % faster with it; the forward kernel, the same code, took up to 1.5x as long
+    in bf16 with 32-channel programs (H100, benchmarks/results/scan_fast_log_2026-11-25_h100/), so it
+    keeps the polynomial. Triton's interpreter has no libdevice: only the GPU tests reach the fast log.
     """
     if HAS_BIAS:
         delta = delta + bias[:, None]
