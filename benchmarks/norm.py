@@ -14,7 +14,6 @@ Usage (from the repository root, on a GPU)::
     python benchmarks/norm.py [--models dpmamba_m:bf16:1,dpmamba_m:bf16:4,sepmamba_m:fp32:1] [--rounds 3]
 """
 import argparse
-import importlib
 import sys
 import time
 from pathlib import Path
@@ -27,10 +26,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import bench_utils  # noqa: E402
 from cuda_graphs import measure_training  # noqa: E402
 from gpu_scan_kernels import header  # noqa: E402
-from scan_ab import interleaved, ratio_cell  # noqa: E402
+from scan_ab import interleaved, model_cases, ratio_cell  # noqa: E402
+import speechbrain_mamba.ops.norm as norm_module  # noqa: E402
 from speechbrain_mamba.ops.norm import layer_norm, rms_norm  # noqa: E402
 
-norm_module = importlib.import_module("speechbrain_mamba.ops.norm")
+TRITON_MAX_FEATURES = norm_module.TRITON_MAX_FEATURES
 
 # (norm, name, rows as (batch, time), features): DPMamba-M's intra- and inter-chunk stacks on 4 s at batch 4
 # and 60 s; SepMamba-M's first and deepest stages on 4 s (d_model 128 and 512).
@@ -93,30 +93,28 @@ def time_norm(kind, shape, dtype) -> dict:
 
 def use_backend(backend: str) -> None:
     """Points the norm modules' "auto" at ``backend`` (with no width fitting Triton, "auto" takes PyTorch)."""
-    norm_module.TRITON_MAX_FEATURES = 8192 if backend == "triton" else 0
+    norm_module.TRITON_MAX_FEATURES = TRITON_MAX_FEATURES if backend == "triton" else 0
 
 
 def compare_models(cases: str, rounds: int) -> None:
+    """Eager inference and training steps of whole models, the norm modules on each backend in turn."""
     device = torch.device("cuda")
     print(f"\nWhole models, median ms of {rounds} interleaved rounds (training: median of 5 steps), "
           "torch / triton (ratio)\n")
     print("| model | dtype | batch | inference 1 s, eager | inference 4 s, eager | training 4 s, eager "
           "| training 4 s, graphed |")
     print("|---|---|---|---|---|---|---|")
-    for case in cases.split(","):
-        model, dtype, batch = case.rsplit(":", 2)
-        stem, overrides = bench_utils.parse_model(model)
-        net, num_spks, _ = bench_utils.load_model(bench_utils.HPARAMS_DIR / f"{stem}.yaml", device, overrides)
+    for model, dtype, batch, net, num_spks in model_cases(cases, device):
 
         def measure(backend):
             use_backend(backend)
             row = {}
             for seconds in (1, 4):
-                mixture, _ = bench_utils.random_batch(int(batch), seconds * bench_utils.SAMPLE_RATE, num_spks, device)
+                mixture, _ = bench_utils.random_batch(batch, seconds * bench_utils.SAMPLE_RATE, num_spks, device)
                 step = bench_utils.inference_step(net, num_spks, mixture, dtype)
                 times, _ = bench_utils.time_and_memory(step, device, warmup=2, repeats=10)
                 row[f"infer_{seconds}"] = bench_utils.median(times)
-            return dict(row, **measure_training(net, num_spks, 4.0, int(batch), dtype, 5))
+            return dict(row, **measure_training(net, num_spks, 4.0, batch, dtype, 5))
 
         measured = interleaved(list(BACKENDS), rounds, measure)
         keys = ("infer_1", "infer_4", "eager_ms", "graph_ms")

@@ -22,6 +22,7 @@ import statistics
 import sys
 import time
 from pathlib import Path
+from typing import Iterator
 
 import torch
 
@@ -57,6 +58,16 @@ def ratio_cell(measured: dict, key) -> str:
     return f"{base:.3f} / {current:.3f} ({current / base:.2f})"
 
 
+def model_cases(cases: str, device: torch.device) -> Iterator[tuple]:
+    """``(model, dtype, batch, modules, num_spks)`` per ``model[:option=value]:dtype:batch`` case, each model
+    built with random weights on ``device``."""
+    for case in cases.split(","):
+        model, dtype, batch = case.rsplit(":", 2)
+        stem, overrides = bench_utils.parse_model(model)
+        net, num_spks, _ = bench_utils.load_model(bench_utils.HPARAMS_DIR / f"{stem}.yaml", device, overrides)
+        yield model, dtype, int(batch), net, num_spks
+
+
 def compare_kernels(modules: dict, rounds: int) -> None:
     """Forward and backward times of both modules on every shape and dtype."""
     print(f"\nMedian ms of {rounds} interleaved rounds (each round: do_bench median)\n")
@@ -76,16 +87,12 @@ def compare_training(modules: dict, cases: str, rounds: int) -> None:
     print(f"\nTraining step on 4 s, median ms of {rounds} interleaved rounds (each: median of 5 steps)\n")
     print("| model | dtype | batch | eager: baseline / current (ratio) | graphed: baseline / current (ratio) |")
     print("|---|---|---|---|---|")
-    device = torch.device("cuda")
     package_backend = BACKENDS["triton"]
-    for case in cases.split(","):
-        model, dtype, batch = case.rsplit(":", 2)
-        stem, overrides = bench_utils.parse_model(model)
-        net, num_spks, _ = bench_utils.load_model(bench_utils.HPARAMS_DIR / f"{stem}.yaml", device, overrides)
+    for model, dtype, batch, net, num_spks in model_cases(cases, torch.device("cuda")):
 
         def measure(name):
             BACKENDS["triton"] = modules[name].selective_scan_triton
-            return measure_training(net, num_spks, 4.0, int(batch), dtype, 5)
+            return measure_training(net, num_spks, 4.0, batch, dtype, 5)
 
         measured = interleaved(list(modules), rounds, measure)
         BACKENDS["triton"] = package_backend

@@ -148,13 +148,8 @@ def test_bad_backends_are_refused(monkeypatch):
 def kernels():
     if importlib.util.find_spec("triton") is None:
         pytest.skip("needs triton")
-    # The loader caches the function of whichever module it imported first: forget it on both sides.
-    load_triton_conv.cache_clear()
-    with interpreted("speechbrain_mamba.ops.causal_conv_triton") as module:
-        try:
-            yield module
-        finally:
-            load_triton_conv.cache_clear()
+    with interpreted("speechbrain_mamba.ops.causal_conv_triton", forget=[load_triton_conv]) as module:
+        yield module
 
 
 class TestInterpretedKernels:

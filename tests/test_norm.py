@@ -110,13 +110,9 @@ def test_bad_arguments_are_refused(monkeypatch):
 def kernels():
     if importlib.util.find_spec("triton") is None:
         pytest.skip("needs triton")
-    load_triton_norms.cache_clear()
-    with interpreted("speechbrain_mamba.ops.norm_triton") as module:
+    with interpreted("speechbrain_mamba.ops.norm_triton", forget=[load_triton_norms]) as module:
         module._TILE_ELEMENTS = 32  # 2 rows of 12 (16 padded) features per tile
-        try:
-            yield module
-        finally:
-            load_triton_norms.cache_clear()
+        yield module
 
 
 def strided(kind, shape):

@@ -12,7 +12,7 @@ import importlib
 import os
 import sys
 from types import ModuleType
-from typing import Dict, Iterator
+from typing import Callable, Dict, Iterator, Sequence
 
 
 def _take_modules(module_name: str) -> Dict[str, ModuleType]:
@@ -26,7 +26,7 @@ def _take_modules(module_name: str) -> Dict[str, ModuleType]:
 
 
 @contextlib.contextmanager
-def interpreted(module_name: str) -> Iterator[ModuleType]:
+def interpreted(module_name: str, forget: Sequence[Callable] = ()) -> Iterator[ModuleType]:
     """Yields a fresh import of ``module_name`` whose Triton kernels run in the interpreter.
 
     Arguments
@@ -34,18 +34,26 @@ def interpreted(module_name: str) -> Iterator[ModuleType]:
     module_name : str
         Dotted name of the module that defines the kernels (it must import
         triton itself; modules that merely call it keep their references).
+    forget : sequence of functools.lru_cache functions
+        Loaders that cache whichever copy of the module they imported first
+        (e.g. ``load_triton_conv``): cleared on entry and on exit, so that
+        each side gets its own copy.
 
     Example
     -------
     >>> with interpreted("speechbrain_mamba.ops.causal_conv_triton") as kernels:  # doctest: +SKIP
     ...     out = kernels.causal_conv1d_silu_triton(torch.randn(1, 5, 4), torch.randn(4, 1, 4), None)
     """
+    for loader in forget:
+        loader.cache_clear()
     saved_env, saved_modules = os.environ.get("TRITON_INTERPRET"), _take_modules(module_name)
     os.environ["TRITON_INTERPRET"] = "1"
     package_name, _, attribute = module_name.rpartition(".")
     try:
         yield importlib.import_module(module_name)
     finally:
+        for loader in forget:
+            loader.cache_clear()
         _take_modules(module_name)
         sys.modules.update(saved_modules)
         # The fresh import also set the package's attribute: point it back as well.
