@@ -1,10 +1,12 @@
-"""The Mamba blocks' norms, RMSNorm and LayerNorm: PyTorch path, Triton kernels (interpreted on the CPU), checks.
+"""The models' norms, RMSNorm, LayerNorm and the single-group norm with its residual: PyTorch path, Triton kernels
+(interpreted on the CPU), checks.
 
 Every backend is compared with the definition computed in float64, forward and
 gradients. The interpreted kernels run with tiles of 2 rows, so that rows are
 split over several tiles, programs and loop steps, and the last tile is
-partly masked; the CUDA tests at the end compare them with the PyTorch path
-at DPMamba's and SepMamba's shapes.
+partly masked (the single-group norm: a sample over several programs, each
+over several tiles); the CUDA tests at the end compare them with the PyTorch
+path at DPMamba's and SepMamba's shapes.
 """
 
 import importlib.util
@@ -14,7 +16,8 @@ import torch
 import torch.nn.functional as F
 
 from speechbrain_mamba.lobes.mamba import LayerNorm, RMSNorm
-from speechbrain_mamba.ops import layer_norm, rms_norm
+from speechbrain_mamba.lobes.norms import SingleGroupNorm
+from speechbrain_mamba.ops import layer_norm, rms_norm, single_group_norm
 from speechbrain_mamba.ops.norm import load_triton_norms
 from triton_interpret import interpreted
 
@@ -207,6 +210,152 @@ class TestInterpretedKernels:
             fn(torch.zeros(1, 4), torch.ones(4), None)
 
 
+# ---------------------------------------------------------------- the single-group norm (GroupNorm(1, C))
+
+def group_definition(x, weight, bias, residual, eps=EPS):
+    """``GroupNorm(1, C)(x) + residual`` in float64."""
+    x64, dims = x.double(), tuple(range(1, x.dim()))
+    out = (x64 - x64.mean(dims, keepdim=True)) * torch.rsqrt(x64.var(dims, unbiased=False, keepdim=True) + eps)
+    view = (1, -1) + (1,) * (x.dim() - 2)
+    if weight is not None:
+        out = out * weight.double().view(view) + bias.double().view(view)
+    return out if residual is None else out + residual.double()
+
+
+def group_inputs(shape, dtype=torch.float32, residual_dtype=torch.float32, channels_last=False, affine=True,
+                 seed=0):
+    """x (mean far from 0, varying along positions: Chan's merge matters), weight, bias, residual (in the
+    dual-path layers' other layout when ``channels_last``: channels innermost, the position dims swapped),
+    grad_out."""
+    g = torch.Generator().manual_seed(seed)
+    x = 3 * torch.randn(*shape, generator=g) + 20 + torch.linspace(0, 4, shape[-1])
+    residual = torch.randn(*shape, generator=g)
+    if channels_last:  # x: [B, S, K, N] storage seen as [B, N, K, S]; residual: [B, K, S, N] storage
+        x = x.permute(0, 3, 2, 1).contiguous().permute(0, 3, 2, 1)
+        residual = residual.permute(0, 2, 3, 1).contiguous().permute(0, 3, 1, 2)
+    weight = (1 + 0.5 * torch.randn(shape[1], generator=g)).requires_grad_() if affine else None
+    bias = (0.5 * torch.randn(shape[1], generator=g)).requires_grad_() if affine else None
+    grad_out = torch.randn(*shape, generator=g)
+    return (x.to(dtype).requires_grad_(), weight, bias, residual.to(residual_dtype).requires_grad_(), grad_out)
+
+
+def assert_group_matches_definition(fn, x, weight, bias, residual, grad_out, atol):
+    inputs = [t for t in (x, weight, bias, residual) if t is not None]
+    out = fn(x, weight, bias, residual)
+    grads = torch.autograd.grad(out, inputs, grad_out.to(out.dtype))
+    ref_inputs = [None if t is None else t.detach().double().requires_grad_() for t in (x, weight, bias, residual)]
+    ref_out = group_definition(*ref_inputs)
+    ref_grads = torch.autograd.grad(ref_out, [t for t in ref_inputs if t is not None], grad_out.double())
+    assert out.shape == x.shape
+    assert out.dtype == (x.dtype if residual is None else torch.promote_types(x.dtype, residual.dtype))
+    assert [g.dtype for g in grads] == [t.dtype for t in inputs]
+    torch.testing.assert_close(out.double(), ref_out, atol=atol, rtol=atol)
+    for grad, ref in zip(grads, ref_grads):
+        scale = 1 if grad.shape == x.shape else x[0, 0].numel() ** 0.5  # weight and bias: sums over positions
+        torch.testing.assert_close(grad.double(), ref, atol=atol * scale, rtol=atol)
+
+
+def public_group(backend=None):
+    return lambda x, w, b, r: single_group_norm(x, w, b, EPS, r, backend=backend)
+
+
+@pytest.mark.parametrize("shape", [(2, 12, 23), (2, 12, 5, 3)], ids=str)
+def test_single_group_norm_torch_path_matches_definition(shape):
+    assert_group_matches_definition(public_group("torch"), *group_inputs(shape), atol=1e-5)
+
+
+def test_single_group_norm_module_adds_its_residual_in_the_residuals_layout():
+    x, _, _, residual, _ = group_inputs((2, 12, 5, 3), channels_last=True)
+    norm, reference = SingleGroupNorm(12, eps=EPS), torch.nn.GroupNorm(1, 12, eps=EPS)
+    out = norm(x, residual)
+    torch.testing.assert_close(out, reference(x) + residual, atol=1e-5, rtol=1e-5)
+    assert out.stride() == residual.stride()
+
+
+def test_single_group_norm_refuses_bad_arguments():
+    x = torch.zeros(2, 3, 4)
+    with pytest.raises(ValueError, match=r"weight must be \(3,\) for x of shape \(2, 3, 4\); got \(4,\)"):
+        single_group_norm(x, torch.ones(4), torch.zeros(4))
+    with pytest.raises(ValueError, match="both weight and bias, or neither"):
+        single_group_norm(x, torch.ones(3), None)
+    with pytest.raises(ValueError, match=r"residual must have x's shape \(2, 3, 4\); got \(2, 3, 1\)"):
+        single_group_norm(x, None, None, residual=torch.zeros(2, 3, 1))
+    with pytest.raises(ValueError, match=r"SingleGroupNorm expects \[batch, 5, ...\]; got \(2, 3, 4\)"):
+        SingleGroupNorm(5)(x)
+
+
+class TestInterpretedSingleGroupNorm:
+    """The kernels on the CPU with 2 positions of 12 (16 padded) channels per tile: each sample spans 4
+    programs, each looping over several tiles, the last partly masked."""
+
+    @pytest.mark.parametrize("case", ["3d", "4d", "channels-last", "no-affine", "no-residual"])
+    def test_triton_matches_definition(self, kernels, case):
+        shape = (2, 12, 23) if case == "3d" else (2, 12, 5, 3)
+        x, weight, bias, residual, grad_out = group_inputs(shape, channels_last=case == "channels-last",
+                                                           affine=case != "no-affine")
+        assert_group_matches_definition(
+            lambda *a: kernels.single_group_norm_triton(*a[:3], EPS, a[3]), x, weight, bias,
+            None if case == "no-residual" else residual, grad_out, atol=1e-5)
+
+    @pytest.mark.parametrize("residual_dtype", [torch.bfloat16, torch.float32], ids=str)
+    def test_triton_bf16_input_and_the_residuals_dtype(self, kernels, residual_dtype):
+        # Against the definition on the same bf16 values: only the output's and dx's roundings differ.
+        inputs = group_inputs((2, 12, 5, 3), torch.bfloat16, residual_dtype, channels_last=True)
+        assert_group_matches_definition(lambda *a: kernels.single_group_norm_triton(*a[:3], EPS, a[3]), *inputs,
+                                        atol=3e-2)
+
+    def test_triton_writes_the_residuals_layout_and_reads_views_in_place(self, kernels):
+        x, weight, bias, residual, grad_out = group_inputs((2, 12, 5, 3), channels_last=True)
+        out = kernels.single_group_norm_triton(x, weight, bias, EPS, residual)
+        assert out.stride() == residual.stride() != x.stride()
+        alone = kernels.single_group_norm_triton(x, weight, bias, EPS)
+        assert alone.stride() == x.stride()
+        (dx,) = torch.autograd.grad(alone, x, grad_out.transpose(2, 3).contiguous().transpose(2, 3))
+        assert dx.stride() == x.stride()
+
+    def test_triton_without_autograd_gives_autograds_output(self, kernels):
+        x, weight, bias, residual, _ = group_inputs((2, 12, 5, 3), channels_last=True)
+        with torch.no_grad():
+            plain = kernels.single_group_norm_triton(x, weight, bias, EPS, residual)
+        assert torch.equal(plain, kernels.single_group_norm_triton(x, weight, bias, EPS, residual).detach())
+
+    def test_triton_refuses_double_backward_and_what_the_kernels_cannot_do(self, kernels):
+        x, weight, bias, _, _ = group_inputs((2, 12, 5, 3))
+        (dx,) = torch.autograd.grad(kernels.single_group_norm_triton(x, weight, bias, EPS).pow(2).sum(), x,
+                                    create_graph=True)
+        with pytest.raises(RuntimeError, match="twice|double|once"):
+            dx.sum().backward()
+        with pytest.raises(ValueError, match=r"takes \[B, C, L\] or \[B, C, P1, P2\]; x is \(1, 2, 3, 4, 5\)"):
+            kernels.single_group_norm_triton(torch.zeros(1, 2, 3, 4, 5), None, None, EPS)
+        with pytest.raises(ValueError, match="1 to 8192 features; x has 8193"):
+            kernels.single_group_norm_triton(torch.zeros(1, 8193, 2), None, None, EPS)
+
+    def test_public_function_and_dual_path_layer_run_the_kernels_when_interpreting(self, kernels, monkeypatch):
+        from speechbrain_mamba.lobes import DualPathModel, MambaStack
+
+        calls = []
+        original = kernels._group_forward
+        monkeypatch.setattr(kernels, "_group_forward",
+                            lambda *args, **kwargs: calls.append(args[3] is not None) or original(*args, **kwargs))
+        x, weight, bias, residual, _ = group_inputs((2, 12, 5, 3))
+        single_group_norm(x, weight, bias, EPS, residual)
+        single_group_norm(x.double(), weight.double(), bias.double(), EPS)  # float64 stays on PyTorch
+        assert calls == [True]
+        torch.manual_seed(0)
+        masknet = DualPathModel(12, 12, MambaStack(12, scan_backend="torch"), MambaStack(12, scan_backend="torch"),
+                                num_layers=1, K=4, num_spks=1, linear_layer_after_inter_intra=False).eval()
+        mixture = torch.randn(1, 12, 9)
+        with torch.no_grad():
+            fused = masknet(mixture)
+            # The entry norm, then each layer's two norms with their residual sums.
+            assert calls[1:] == [False, True, True]
+            for module in masknet.modules():
+                if isinstance(module, SingleGroupNorm):
+                    module.forward = lambda x, residual=None, m=module: single_group_norm(
+                        x, m.weight, m.bias, m.eps, residual, backend="torch")
+            torch.testing.assert_close(fused, masknet(mixture), atol=1e-5, rtol=1e-5)
+
+
 # ---------------------------------------------------------------- CUDA
 
 cuda_only = pytest.mark.skipif(not HAS_CUDA or load_triton_norms() is None, reason="needs CUDA and triton")
@@ -256,3 +405,34 @@ def test_cuda_modules_under_autocast_give_torchs_dtypes(module_class):
     out.float().sum().backward()
     assert out.dtype == expected.dtype and x.grad.dtype == torch.bfloat16 and norm.weight.grad.dtype == torch.float32
     torch.testing.assert_close(out, expected.detach(), atol=1e-2, rtol=1e-2)
+
+
+@cuda_only
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("shape", [(1, 256, 250, 34), (4, 256, 250, 34), (1, 256, 250, 482), (2, 64, 12000)],
+                         ids=str)
+def test_cuda_single_group_norm_matches_torch(shape, dtype):
+    x, weight, bias, residual, grad_out = group_inputs(shape, dtype, dtype, channels_last=len(shape) == 4)
+    cuda = [t.detach().cuda().requires_grad_() for t in (x, weight, bias, residual)]
+    outs, grads = [], []
+    for backend in ("triton", "torch"):
+        out = public_group(backend)(*cuda)
+        outs.append(out)
+        grads.append(torch.autograd.grad(out, cuda, grad_out.to("cuda", out.dtype)))
+    # bf16: the torch path rounds the norm before adding the residual, the kernel after.
+    tol = 1e-4 if dtype == torch.float32 else 3e-2
+    torch.testing.assert_close(outs[0], outs[1], atol=tol, rtol=tol)
+    assert outs[0].stride() == cuda[3].stride()
+    for triton_grad, torch_grad in zip(*grads):
+        scale = 1 if triton_grad.shape == x.shape else x[0, 0].numel() ** 0.5
+        torch.testing.assert_close(triton_grad, torch_grad, atol=tol * scale, rtol=tol)
+
+
+@cuda_only
+def test_cuda_single_group_norm_is_deterministic():
+    inputs = group_inputs((2, 256, 250, 34), channels_last=True)
+    x, weight, bias, residual, grad_out = (t.detach().cuda() for t in inputs)
+    params = [weight.requires_grad_(), bias.requires_grad_(), x.requires_grad_()]
+    runs = [torch.autograd.grad(single_group_norm(x, weight, bias, EPS, residual), params, grad_out)
+            for _ in range(2)]
+    assert all(torch.equal(a, b) for a, b in zip(*runs))

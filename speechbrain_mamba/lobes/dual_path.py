@@ -1,28 +1,28 @@
 """Dual-path mask networks: SpeechBrain's Dual_Path_Model with a fast norm, on-device padding
 and fewer layout copies."""
 
-from typing import Tuple
+from typing import Optional, Tuple
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from speechbrain.lobes.models.dual_path import Dual_Computation_Block, Dual_Path_Model
 
-from speechbrain_mamba.lobes.norms import replace_single_group_norms
+from speechbrain_mamba.lobes.norms import SingleGroupNorm, replace_single_group_norms
 
 
 class ChannelLastDualComputationBlock(Dual_Computation_Block):
     """SpeechBrain's ``Dual_Computation_Block`` (one intra- and one inter-chunk
     layer), computing the same function with one layout copy instead of four.
 
-    With norms that keep their input's layout (``SingleGroupNorm``, which
-    :class:`DualPathModel` installs), the [B, N, K, S] activations are
-    returned as a view of [B, S, K, N] storage (channels innermost, chunks
-    outermost). Fed such a view by the layer before, the intra-chunk model
-    reads its [B*S, K, N] sequences in place; only the inter-chunk model's
-    [B*K, S, N] input is copied, and its output is read transposed by the norm
-    and the residual sum. Any other norm gives the same values, in whatever
-    layout it returns. Same arguments and submodules as ``Dual_Computation_Block``.
+    The [B, N, K, S] activations are kept as views of [B, S, K, N] storage
+    (channels innermost, chunks outermost; the first layer makes its input
+    so, the others get it so): the intra-chunk model reads its [B*S, K, N]
+    sequences in place; only the inter-chunk model's [B*K, S, N] input is
+    copied, and its output is read transposed by the norm and the residual
+    sum. With ``SingleGroupNorm`` (which :class:`DualPathModel` installs) each
+    norm and the residual sum after it are one pass. Same arguments and
+    submodules as ``Dual_Computation_Block``.
 
     Arguments
     ---------
@@ -47,22 +47,30 @@ class ChannelLastDualComputationBlock(Dual_Computation_Block):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """[B, N, K, S] -> [B, N, K, S] (channels-innermost storage)."""
         B, N, K, S = x.shape
-        # [B*S, K, N]: a view when x is channels-innermost, as this block returns it.
-        intra = self.intra_mdl(x.permute(0, 3, 2, 1).reshape(B * S, K, N))
+        # Channels innermost ([B, S, K, N] storage): no copy when the layer before made x. The residual sums
+        # return their residual's layout, so every layer's output is channels-innermost too.
+        x = x.permute(0, 3, 2, 1).contiguous().permute(0, 3, 2, 1)
+        intra = self.intra_mdl(x.permute(0, 3, 2, 1).reshape(B * S, K, N))  # a view
         if self.linear_layer_after_inter_intra:
             intra = self.intra_linear(intra)
         intra = intra.reshape(B, S, K, N).permute(0, 3, 2, 1)
-        if self.norm is not None:
-            intra = self.intra_norm(intra)
-        if self.skip_around_intra:
-            intra = intra + x  # the first operand's layout: channels innermost
+        intra = _norm_and_add(self.intra_norm if self.norm is not None else None, intra,
+                              x if self.skip_around_intra else None)
         inter = self.inter_mdl(intra.permute(0, 2, 3, 1).reshape(B * K, S, N))  # the one copy
         if self.linear_layer_after_inter_intra:
             inter = self.inter_linear(inter)
         inter = inter.reshape(B, K, S, N).permute(0, 3, 1, 2)
-        if self.norm is not None:
-            inter = self.inter_norm(inter)
-        return intra + inter
+        return _norm_and_add(self.inter_norm if self.norm is not None else None, inter, intra)
+
+
+def _norm_and_add(norm: Optional[nn.Module], x: torch.Tensor, residual: Optional[torch.Tensor]) -> torch.Tensor:
+    """``norm(x) + residual`` (either part optional), in the residual's layout; one pass for a
+    ``SingleGroupNorm``."""
+    if isinstance(norm, SingleGroupNorm):
+        return norm(x, residual)
+    if norm is not None:
+        x = norm(x)
+    return x if residual is None else residual + x
 
 
 class DualPathModel(Dual_Path_Model):

@@ -2,14 +2,18 @@
 
 On CUDA, ``GroupNorm`` with one group reduces each sample in one thread block,
 so at batch 1 the whole normalisation is serial: it took 62% of a DPMamba-M
-inference on an H100 (speechbrain.md). Here the statistics come from
-``torch.var_mean`` over the whole sample, a reduction spread over the whole
-device, and the affine part is one fused multiply-add. Any memory layout is
-read in place, and the output keeps the input's layout.
+inference on an H100 (speechbrain.md). :func:`speechbrain_mamba.ops.single_group_norm`
+spreads the statistics over the whole device (Triton kernels on CUDA, ``torch.var_mean``
+elsewhere), reads any memory layout in place and can add the residual that
+follows the norm in the same pass.
 """
+
+from typing import Optional
 
 import torch
 import torch.nn as nn
+
+from speechbrain_mamba.ops.norm import single_group_norm
 
 
 class SingleGroupNorm(nn.Module):
@@ -51,25 +55,13 @@ class SingleGroupNorm(nn.Module):
             self.register_parameter("weight", None)
             self.register_parameter("bias", None)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """x: [batch, num_channels, *] -> same shape and dtype."""
+    def forward(self, x: torch.Tensor, residual: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """x: [batch, num_channels, *] -> same shape and dtype; ``+ residual`` (same shape) if given."""
         if x.dim() < 2 or x.shape[1] != self.num_channels:
             raise ValueError(
                 f"SingleGroupNorm expects [batch, {self.num_channels}, ...]; got {tuple(x.shape)}."
             )
-        batch = x.shape[0]
-        x32 = x.float()
-        # Over all dims but the batch: no copy of a permuted (e.g. channels-innermost) input.
-        var, mean = torch.var_mean(x32, dim=tuple(range(1, x.dim())), unbiased=False)
-        scale = torch.rsqrt(var + self.eps)[:, None]  # [batch, 1]
-        # Few ops: on short inputs each one costs the host more than the GPU.
-        if self.affine:
-            scale = scale * self.weight.float()  # [batch, channels]
-            shift = torch.addcmul(self.bias.float(), mean[:, None], scale, value=-1)
-        else:
-            shift = -mean[:, None] * scale
-        view = (batch, -1) + (1,) * (x.dim() - 2)
-        return torch.addcmul(shift.view(view), x32, scale.view(view)).to(x.dtype)
+        return single_group_norm(x, self.weight, self.bias, self.eps, residual)
 
     def extra_repr(self) -> str:
         return f"{self.num_channels}, eps={self.eps}, affine={self.affine}"

@@ -1,4 +1,5 @@
-"""The Mamba blocks' norms over the last dimension, RMSNorm and LayerNorm, with a Triton and a PyTorch backend."""
+"""The norms of the models, each with a Triton and a PyTorch backend: the Mamba blocks' RMSNorm and LayerNorm over
+the last dimension, and the dual-path layers' ``GroupNorm(1, C)`` over a whole sample, fused with the residual sum."""
 
 import functools
 from types import ModuleType
@@ -33,15 +34,17 @@ def _check_parameters(x: torch.Tensor, **parameters: Optional[torch.Tensor]) -> 
             )
 
 
-def _backend(x: torch.Tensor, backend: Optional[str]) -> Optional[ModuleType]:
-    """The Triton norms' module if the norm of ``x`` runs on them, else None (PyTorch)."""
+def _backend(x: torch.Tensor, backend: Optional[str], features_dim: int = -1) -> Optional[ModuleType]:
+    """The Triton norms' module if the norm of ``x`` (rows of size ``x.shape[features_dim]``) runs on them,
+    else None (PyTorch)."""
     name = backend or "auto"
     if name not in NORM_BACKENDS:
         raise ValueError(f"backend={backend!r} is not a norm backend; expected None or one of {NORM_BACKENDS}.")
     on_triton_device = x.is_cuda or interpreting()
     if name == "auto":
         # The kernels compute in fp32: float64 stays on PyTorch, which keeps its precision.
-        fits = 1 <= x.shape[-1] <= TRITON_MAX_FEATURES and x.dtype in (torch.float32, torch.float16, torch.bfloat16)
+        fits = 1 <= x.shape[features_dim] <= TRITON_MAX_FEATURES and x.dtype in (
+            torch.float32, torch.float16, torch.bfloat16)
         return load_triton_norms() if on_triton_device and fits else None
     if name == "torch":
         return None
@@ -138,4 +141,80 @@ def layer_norm(
     return F.layer_norm(x, (x.shape[-1],), weight, bias, eps)
 
 
-__all__ = ["NORM_BACKENDS", "layer_norm", "load_triton_norms", "rms_norm"]
+def single_group_norm(
+    x: torch.Tensor,
+    weight: Optional[torch.Tensor],
+    bias: Optional[torch.Tensor],
+    eps: float = 1e-5,
+    residual: Optional[torch.Tensor] = None,
+    backend: Optional[str] = None,
+) -> torch.Tensor:
+    """``GroupNorm(1, C)``: each sample normalised over all its channels and positions, then a per-channel
+    affine map; plus ``residual`` if given. Statistics in fp32.
+
+    The output has ``x``'s dtype (promoted with the residual's). The PyTorch
+    backend takes the statistics from ``torch.var_mean`` over the whole sample
+    (``nn.GroupNorm`` reduces a sample in one thread block on CUDA: slow at
+    batch 1) and reads any layout in place. The Triton one (CUDA) is two
+    kernels per pass instead of about eight forward and twelve backward, adds
+    the residual in fp32 before the one rounding, keeps ``x`` itself for the
+    backward pass, and writes the output in the residual's layout (else in
+    ``x``'s): the dual-path layers' channels-innermost activations stay so.
+
+    Arguments
+    ---------
+    x : torch.Tensor
+        ``[B, C, *]``.
+    weight, bias : torch.Tensor, optional
+        ``(C,)`` each, or both None (no affine map).
+    eps : float
+        Added to the variance.
+    residual : torch.Tensor, optional
+        Same shape as ``x``.
+    backend : str, optional
+        ``"torch"``, ``"triton"`` or ``"auto"`` (the default): Triton for fp32,
+        fp16 and bf16 CUDA tensors of 3 or 4 dims with ``1 <= C <= 8192`` when
+        it imports (or under ``TRITON_INTERPRET=1``), PyTorch otherwise.
+
+    Returns
+    -------
+    torch.Tensor
+        Same shape as ``x``.
+
+    Example
+    -------
+    >>> x = torch.randn(2, 8, 5, 3)
+    >>> reference = torch.nn.GroupNorm(1, 8)
+    >>> torch.allclose(single_group_norm(x, reference.weight, reference.bias), reference(x), atol=1e-5)
+    True
+    """
+    if x.dim() < 2:
+        raise ValueError(f"single_group_norm expects x of [batch, channels, ...]; got shape {tuple(x.shape)}.")
+    if (weight is None) != (bias is None):
+        raise ValueError("single_group_norm takes both weight and bias, or neither.")
+    for name, parameter in (("weight", weight), ("bias", bias)):
+        if parameter is not None and parameter.shape != (x.shape[1],):
+            raise ValueError(
+                f"{name} must be ({x.shape[1]},) for x of shape {tuple(x.shape)}; got {tuple(parameter.shape)}."
+            )
+    if residual is not None and residual.shape != x.shape:
+        raise ValueError(f"residual must have x's shape {tuple(x.shape)}; got {tuple(residual.shape)}.")
+    module = _backend(x, backend, features_dim=1)
+    if module is not None and (x.dim() in (3, 4) or backend == "triton"):
+        return module.single_group_norm_triton(x, weight, bias, eps, residual)
+    x32 = x.float()
+    # Over all dims but the batch: no copy of a permuted (e.g. channels-innermost) input.
+    var, mean = torch.var_mean(x32, dim=tuple(range(1, x.dim())), unbiased=False)
+    scale = torch.rsqrt(var + eps)[:, None]  # [batch, 1]
+    # Few ops: on short inputs each one costs the host more than the GPU.
+    if weight is not None:
+        scale = scale * weight.float()  # [batch, channels]
+        shift = torch.addcmul(bias.float(), mean[:, None], scale, value=-1)
+    else:
+        shift = -mean[:, None] * scale
+    view = (x.shape[0], -1) + (1,) * (x.dim() - 2)
+    out = torch.addcmul(shift.view(view), x32, scale.view(view)).to(x.dtype)
+    return out if residual is None else residual + out  # the first operand's layout: the residual's
+
+
+__all__ = ["NORM_BACKENDS", "layer_norm", "load_triton_norms", "rms_norm", "single_group_norm"]

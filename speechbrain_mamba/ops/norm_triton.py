@@ -1,4 +1,5 @@
-"""The Mamba blocks' norms over the last dimension, RMSNorm and LayerNorm, as Triton kernels.
+"""The Mamba blocks' norms over the last dimension (RMSNorm, LayerNorm) and the dual-path norm over a whole
+sample (``GroupNorm(1, C)``, optionally fused with the residual sum that follows it), as Triton kernels.
 
 PyTorch's RMSNorm path for a bf16 input under autocast is five to seven
 kernels: a cast to fp32, the fused norm, a cast back, and in the backward pass
@@ -11,9 +12,19 @@ and the backward pass one kernel that also sums the weight (and bias)
 gradients over its rows, plus a fixed-order sum of one partial row per program
 (deterministic, no atomics). The input is what the backward pass keeps, with
 one fp32 ``1 / std`` per row; LayerNorm's mean is recomputed from it.
+
+The single-group norm normalises each sample over all its channels and
+positions, so its statistics need the whole sample: each pass is two kernels,
+one writing per-program partials (the count, mean and sum of squared deviations
+of its tiles, merged by Chan's formula; for the backward pass the two sums the
+input gradient needs and partial rows of the parameter gradients), one merging
+them in a fixed order and normalising. PyTorch's path (``torch.var_mean``,
+then an fp32 affine map and a cast, then the residual sum) is eight kernels
+forward and about twelve backward, most of them over the whole activation.
 """
 
 import functools
+import math
 from typing import Optional, Tuple
 
 import torch
@@ -204,16 +215,17 @@ class _TritonNorm(torch.autograd.Function):
                 db.to(ctx.bias_dtype) if needs[2] else None, None, None, None)
 
 
-def _check(x: torch.Tensor, *parameters: Optional[torch.Tensor]) -> None:
-    """What only the kernels need: the device, the parameters beside ``x``, the row width."""
+def _check(x: torch.Tensor, *parameters: Optional[torch.Tensor], features_dim: int = -1) -> None:
+    """What only the kernels need: the device, the parameters beside ``x``, the width of the rows (the size of
+    ``features_dim``)."""
     if not x.is_cuda and not interpreting():
         raise ValueError(f"the Triton norms run on CUDA tensors only (or under TRITON_INTERPRET=1); "
                          f"x is on {x.device}.")
     for parameter in parameters:
         if parameter is not None and parameter.device != x.device:
             raise ValueError(f"the norm's parameters are on {parameter.device} but x is on {x.device}.")
-    if not 1 <= x.shape[-1] <= MAX_FEATURES:
-        raise ValueError(f"the Triton norms take 1 to {MAX_FEATURES} features; x has {x.shape[-1]}.")
+    if not 1 <= x.shape[features_dim] <= MAX_FEATURES:
+        raise ValueError(f"the Triton norms take 1 to {MAX_FEATURES} features; x has {x.shape[features_dim]}.")
 
 
 def _norm(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], eps: float, center: bool,
@@ -284,4 +296,293 @@ def layer_norm_triton(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torc
     return _norm(x, weight, bias, eps, True, out_dtype or x.dtype)
 
 
-__all__ = ["MAX_FEATURES", "layer_norm_triton", "rms_norm_triton"]
+# ---------------------------------------------------------------- single-group norm (GroupNorm(1, C))
+# A sample [C, P1, P2] is read through its four strides; position p is (p // P2, p % P2).
+
+
+@triton.jit
+def _sample_tile(ptr, sample, positions, cols, mask, P2, s_b, s_c, s_1, s_2):
+    """The ``(BLOCK_P, BLOCK_C)`` tile of ``positions`` x ``cols`` of ``sample``, in fp32 (0 where masked)."""
+    offsets = sample * s_b + (positions // P2) * s_1 + (positions % P2) * s_2
+    return tl.load(ptr + offsets[:, None] + cols[None, :].to(tl.int64) * s_c, mask=mask, other=0.0).to(tl.float32)
+
+
+@triton.jit
+def _tile_positions(part, tile, tiles_per_program, P, C, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
+    """Positions (int64) of a program's tile, the tile's mask and its number of valid elements."""
+    first = (part * tiles_per_program + tile) * BLOCK_P
+    positions = first.to(tl.int64) + tl.arange(0, BLOCK_P)
+    cols = tl.arange(0, BLOCK_C)
+    mask = (positions < P)[:, None] & (cols < C)[None, :]
+    return positions, cols, mask, (tl.maximum(tl.minimum(P - first, BLOCK_P), 0) * C).to(tl.float32)
+
+
+@triton.jit
+def _sample_stats(part_ptr, sample, num_parts, eps, BLOCK_PARTS: tl.constexpr):
+    """Mean and ``1 / std`` of a sample from its programs' (count, mean, squared deviations), merged in a
+    fixed order (Chan et al.'s parallel variance)."""
+    parts = tl.arange(0, BLOCK_PARTS)
+    row = part_ptr + (sample * num_parts + parts) * 3
+    valid = parts < num_parts
+    count = tl.load(row, mask=valid, other=0.0)
+    mean_part = tl.load(row + 1, mask=valid, other=0.0)
+    total = tl.sum(count, axis=0)
+    mean = tl.sum(count * mean_part, axis=0) / total
+    spread = mean_part - mean
+    squares = tl.sum(tl.load(row + 2, mask=valid, other=0.0) + count * spread * spread, axis=0)
+    return mean, tl.rsqrt(squares / total + eps)
+
+
+@triton.jit
+def _group_stats_kernel(x_ptr, part_ptr, P, C, P2, s_b, s_c, s_1, s_2, tiles_per_program,
+                        BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
+    """Count, mean and sum of squared deviations of this program's tiles of one sample."""
+    sample, part = tl.program_id(0).to(tl.int64), tl.program_id(1)
+    count, mean, squares = 0.0, 0.0, 0.0
+    for tile in range(0, tiles_per_program):
+        positions, cols, mask, n = _tile_positions(part, tile, tiles_per_program, P, C, BLOCK_P, BLOCK_C)
+        x = _sample_tile(x_ptr, sample, positions, cols, mask, P2, s_b, s_c, s_1, s_2)
+        tile_mean = tl.sum(tl.sum(x, axis=1), axis=0) / tl.maximum(n, 1.0)
+        deviation = tl.where(mask, x - tile_mean, 0.0)
+        total = count + n
+        step = tile_mean - mean
+        weight = n / tl.maximum(total, 1.0)
+        squares += tl.sum(tl.sum(deviation * deviation, axis=1), axis=0) + step * step * count * weight
+        mean += step * weight
+        count = total
+    row = part_ptr + (sample * tl.num_programs(1) + part) * 3
+    tl.store(row, count)
+    tl.store(row + 1, mean)
+    tl.store(row + 2, squares)
+
+
+@triton.jit
+def _group_norm_fwd_kernel(x_ptr, w_ptr, b_ptr, r_ptr, y_ptr, part_ptr, stats_ptr, P, C, P2, eps,
+                           sx_b, sx_c, sx_1, sx_2, sr_b, sr_c, sr_1, sr_2, sy_b, sy_c, sy_1, sy_2, tiles_per_program,
+                           BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_PARTS: tl.constexpr,
+                           AFFINE: tl.constexpr, HAS_RESIDUAL: tl.constexpr, STORE_STATS: tl.constexpr):
+    """``y = (x - mean) / std * w + b (+ residual)`` over this program's tiles."""
+    sample, part = tl.program_id(0).to(tl.int64), tl.program_id(1)
+    mean, rstd = _sample_stats(part_ptr, sample, tl.num_programs(1), eps, BLOCK_PARTS)
+    if STORE_STATS:
+        if part == 0:
+            tl.store(stats_ptr + sample * 2, mean)
+            tl.store(stats_ptr + sample * 2 + 1, rstd)
+    cols = tl.arange(0, BLOCK_C)
+    scale = tl.full([BLOCK_C], 1.0, tl.float32) * rstd
+    shift = tl.zeros([BLOCK_C], tl.float32)
+    if AFFINE:
+        scale *= tl.load(w_ptr + cols, mask=cols < C, other=0.0).to(tl.float32)
+        shift = tl.load(b_ptr + cols, mask=cols < C, other=0.0).to(tl.float32)
+    shift -= mean * scale
+    for tile in range(0, tiles_per_program):
+        positions, cols, mask, _ = _tile_positions(part, tile, tiles_per_program, P, C, BLOCK_P, BLOCK_C)
+        y = _sample_tile(x_ptr, sample, positions, cols, mask, P2, sx_b, sx_c, sx_1, sx_2) * scale[None, :]
+        y += shift[None, :]
+        if HAS_RESIDUAL:
+            y += _sample_tile(r_ptr, sample, positions, cols, mask, P2, sr_b, sr_c, sr_1, sr_2)
+        offsets = sample * sy_b + (positions // P2) * sy_1 + (positions % P2) * sy_2
+        tl.store(y_ptr + offsets[:, None] + cols[None, :].to(tl.int64) * sy_c, y.to(y_ptr.dtype.element_ty),
+                 mask=mask)
+
+
+@triton.jit
+def _group_norm_bwd_sums_kernel(x_ptr, w_ptr, dy_ptr, stats_ptr, part_ptr, dwdb_part_ptr, P, C, P2,
+                                sx_b, sx_c, sx_1, sx_2, sd_b, sd_c, sd_1, sd_2, tiles_per_program,
+                                BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr, AFFINE: tl.constexpr):
+    """This program's share of ``sum(g)`` and ``sum(g x_hat)`` (``g = dy w``) and, with ``AFFINE``, its
+    partial rows of ``dw = sum(dy x_hat)`` and ``db = sum(dy)`` over positions."""
+    sample, part = tl.program_id(0).to(tl.int64), tl.program_id(1)
+    mean, rstd = tl.load(stats_ptr + sample * 2), tl.load(stats_ptr + sample * 2 + 1)
+    cols = tl.arange(0, BLOCK_C)
+    w = tl.load(w_ptr + cols, mask=cols < C, other=0.0).to(tl.float32) if AFFINE else 1.0
+    sum_g, sum_g_x_hat = 0.0, 0.0
+    dw = tl.zeros([BLOCK_P, BLOCK_C], tl.float32)
+    db = tl.zeros([BLOCK_P, BLOCK_C], tl.float32)
+    for tile in range(0, tiles_per_program):
+        positions, cols, mask, _ = _tile_positions(part, tile, tiles_per_program, P, C, BLOCK_P, BLOCK_C)
+        x = _sample_tile(x_ptr, sample, positions, cols, mask, P2, sx_b, sx_c, sx_1, sx_2)
+        dy = _sample_tile(dy_ptr, sample, positions, cols, mask, P2, sd_b, sd_c, sd_1, sd_2)
+        x_hat = tl.where(mask, (x - mean) * rstd, 0.0)
+        g = dy * w
+        sum_g += tl.sum(tl.sum(g, axis=1), axis=0)
+        sum_g_x_hat += tl.sum(tl.sum(g * x_hat, axis=1), axis=0)
+        if AFFINE:
+            dw += dy * x_hat
+            db += dy
+    program = sample * tl.num_programs(1) + part
+    tl.store(part_ptr + program * 2, sum_g)
+    tl.store(part_ptr + program * 2 + 1, sum_g_x_hat)
+    if AFFINE:
+        cols = tl.arange(0, BLOCK_C)
+        tl.store(dwdb_part_ptr + program * 2 * C + cols, tl.sum(dw, axis=0), mask=cols < C)
+        tl.store(dwdb_part_ptr + (program * 2 + 1) * C + cols, tl.sum(db, axis=0), mask=cols < C)
+
+
+@triton.jit
+def _group_norm_bwd_kernel(x_ptr, w_ptr, dy_ptr, stats_ptr, part_ptr, dx_ptr, P, C, P2,
+                           sx_b, sx_c, sx_1, sx_2, sd_b, sd_c, sd_1, sd_2, sdx_b, sdx_c, sdx_1, sdx_2,
+                           tiles_per_program,
+                           BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_PARTS: tl.constexpr,
+                           AFFINE: tl.constexpr):
+    """``dx = rstd (g - mean(g) - x_hat mean(g x_hat))`` over this program's tiles; the means merge every
+    program's sums in a fixed order."""
+    sample, part = tl.program_id(0).to(tl.int64), tl.program_id(1)
+    mean, rstd = tl.load(stats_ptr + sample * 2), tl.load(stats_ptr + sample * 2 + 1)
+    parts = tl.arange(0, BLOCK_PARTS)
+    row = part_ptr + (sample * tl.num_programs(1) + parts) * 2
+    valid = parts < tl.num_programs(1)
+    elements = (P * C).to(tl.float32)
+    mean_g = tl.sum(tl.load(row, mask=valid, other=0.0), axis=0) / elements
+    mean_g_x_hat = tl.sum(tl.load(row + 1, mask=valid, other=0.0), axis=0) / elements
+    cols = tl.arange(0, BLOCK_C)
+    w = tl.load(w_ptr + cols, mask=cols < C, other=0.0).to(tl.float32) if AFFINE else 1.0
+    for tile in range(0, tiles_per_program):
+        positions, cols, mask, _ = _tile_positions(part, tile, tiles_per_program, P, C, BLOCK_P, BLOCK_C)
+        x_hat = (_sample_tile(x_ptr, sample, positions, cols, mask, P2, sx_b, sx_c, sx_1, sx_2) - mean) * rstd
+        g = _sample_tile(dy_ptr, sample, positions, cols, mask, P2, sd_b, sd_c, sd_1, sd_2) * w
+        dx = (g - mean_g - x_hat * mean_g_x_hat) * rstd
+        offsets = sample * sdx_b + (positions // P2) * sdx_1 + (positions % P2) * sdx_2
+        tl.store(dx_ptr + offsets[:, None] + cols[None, :].to(tl.int64) * sdx_c, dx.to(dx_ptr.dtype.element_ty),
+                 mask=mask)
+
+
+# Most programs per sample: the partials each program of the second kernels merges.
+_MAX_PARTS = 1024
+
+
+def _sample_strides(t: torch.Tensor) -> Tuple[int, int, int, int]:
+    """Strides of batch, channel and the two position dims of a [B, C, L] or [B, C, P1, P2] tensor."""
+    if t.dim() == 3:
+        return t.stride(0), t.stride(1), 0, t.stride(2)
+    return t.stride(0), t.stride(1), t.stride(2), t.stride(3)
+
+
+@functools.lru_cache(maxsize=None)
+def _target_programs(device_index: int) -> int:
+    """Programs per launch that keep every SM busy (4 per SM)."""
+    return 4 if interpreting() else 4 * torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+def _group_launch(x: torch.Tensor) -> Tuple[int, int, int, int, int, int, int]:
+    """(positions P, P2, programs per sample, tiles per program, positions per tile, padded channels,
+    warps) of a launch over ``x``."""
+    batch, channels = x.shape[:2]
+    positions = math.prod(x.shape[2:])
+    block_p, block_c, num_warps = _tile(channels)
+    tiles = cdiv(positions, block_p)
+    parts = max(1, min(tiles, _MAX_PARTS, cdiv(_target_programs(x.device.index or 0), batch)))
+    tiles_per_program = cdiv(tiles, parts)
+    return positions, x.shape[-1], cdiv(tiles, tiles_per_program), tiles_per_program, block_p, block_c, num_warps
+
+
+def _group_forward(x: torch.Tensor, weight: Optional[torch.Tensor], bias: Optional[torch.Tensor],
+                   residual: Optional[torch.Tensor], eps: float, store_stats: bool
+                   ) -> Tuple[torch.Tensor, torch.Tensor]:
+    """(y in the residual's layout, else ``x``'s; the mean and ``1 / std`` per sample, [B, 2] fp32)."""
+    out_dtype = x.dtype if residual is None else torch.promote_types(x.dtype, residual.dtype)
+    y = torch.empty_like(x if residual is None else residual, dtype=out_dtype)
+    batch = x.shape[0]
+    P, P2, parts, tiles_per_program, block_p, block_c, num_warps = _group_launch(x)
+    f32 = dict(dtype=torch.float32, device=x.device)
+    part = torch.empty(batch, parts, 3, **f32)
+    stats = torch.empty(batch if store_stats else 0, 2, **f32)
+    grid = (batch, parts)
+    tiles = dict(BLOCK_P=block_p, BLOCK_C=block_c, num_warps=num_warps)
+    _group_stats_kernel[grid](x, part, P, x.shape[1], P2, *_sample_strides(x), tiles_per_program, **tiles)
+    _group_norm_fwd_kernel[grid](
+        x, x if weight is None else weight, x if bias is None else bias, x if residual is None else residual, y,
+        part, stats, P, x.shape[1], P2, eps, *_sample_strides(x), *_sample_strides(x if residual is None else residual),
+        *_sample_strides(y), tiles_per_program, BLOCK_PARTS=next_power_of_2(parts), AFFINE=weight is not None,
+        HAS_RESIDUAL=residual is not None, STORE_STATS=store_stats, **tiles,
+    )
+    return y, stats
+
+
+def _group_backward(x: torch.Tensor, weight: Optional[torch.Tensor], stats: torch.Tensor, dy: torch.Tensor
+                    ) -> Tuple[torch.Tensor, Optional[torch.Tensor], Optional[torch.Tensor]]:
+    """(dx in ``x``'s dtype and, if dense, layout; dw and db in fp32 or None without affine parameters)."""
+    batch, channels = x.shape[:2]
+    dx = torch.empty_like(x)
+    P, P2, parts, tiles_per_program, block_p, block_c, num_warps = _group_launch(x)
+    f32 = dict(dtype=torch.float32, device=x.device)
+    part = torch.empty(batch, parts, 2, **f32)
+    dwdb_part = torch.empty(batch * parts if weight is not None else 0, 2, channels, **f32)
+    grid = (batch, parts)
+    common = dict(BLOCK_P=block_p, BLOCK_C=block_c, AFFINE=weight is not None, num_warps=num_warps)
+    w = x if weight is None else weight
+    _group_norm_bwd_sums_kernel[grid](x, w, dy, stats, part, dwdb_part, P, channels, P2, *_sample_strides(x),
+                                      *_sample_strides(dy), tiles_per_program, **common)
+    _group_norm_bwd_kernel[grid](x, w, dy, stats, part, dx, P, channels, P2, *_sample_strides(x),
+                                 *_sample_strides(dy), *_sample_strides(dx), tiles_per_program,
+                                 BLOCK_PARTS=next_power_of_2(parts), **common)
+    if weight is None:
+        return dx, None, None
+    dw, db = dwdb_part.sum(0)  # a fixed-order sum of one partial row per program
+    return dx, dw, db
+
+
+class _TritonSingleGroupNorm(torch.autograd.Function):
+    """Autograd wrapper: keeps ``x`` itself (no fp32 copy), the weight and the [B, 2] statistics."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, residual, eps):
+        y, stats = _group_forward(x, weight, bias, residual, eps, store_stats=True)
+        ctx.save_for_backward(x, weight, stats)
+        ctx.parameter_dtype = None if weight is None else weight.dtype
+        ctx.residual_dtype = None if residual is None else residual.dtype
+        return y
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, dy):
+        x, weight, stats = ctx.saved_tensors
+        dx, dw, db = _group_backward(x, weight, stats, dy)
+        needs = ctx.needs_input_grad
+        return (dx if needs[0] else None, dw.to(ctx.parameter_dtype) if needs[1] else None,
+                db.to(ctx.parameter_dtype) if needs[2] else None,
+                dy.to(ctx.residual_dtype) if needs[3] else None, None)
+
+
+def single_group_norm_triton(x: torch.Tensor, weight: Optional[torch.Tensor], bias: Optional[torch.Tensor],
+                             eps: float, residual: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Triton implementation of :func:`speechbrain_mamba.ops.norm.single_group_norm` (shapes checked there).
+
+    Arguments
+    ---------
+    x : torch.Tensor
+        ``[B, C, L]`` or ``[B, C, P1, P2]``, any strides (read in place; fastest with channels innermost),
+        ``C <= MAX_FEATURES``.
+    weight, bias : torch.Tensor, optional
+        ``(C,)`` each, or both None.
+    eps : float
+        Added to the variance.
+    residual : torch.Tensor, optional
+        Same shape as ``x``, added to the normalised output in fp32.
+
+    Returns
+    -------
+    torch.Tensor
+        ``x``'s shape in the residual's layout (else ``x``'s), dtype ``x``'s promoted with the residual's.
+
+    Example
+    -------
+    >>> x = torch.randn(1, 256, 250, 34, device="cuda", dtype=torch.bfloat16)  # doctest: +SKIP
+    >>> single_group_norm_triton(x, None, None, 1e-8).dtype  # doctest: +SKIP
+    torch.bfloat16
+    """
+    if x.dim() not in (3, 4):
+        raise ValueError(f"the Triton single-group norm takes [B, C, L] or [B, C, P1, P2]; x is {tuple(x.shape)}.")
+    _check(x, weight, bias, features_dim=1)
+    if residual is not None and residual.device != x.device:
+        raise ValueError(f"the residual is on {residual.device} but x is on {x.device}.")
+    if not x.numel():
+        return torch.empty_like(x) if residual is None else x + residual
+    weight = None if weight is None else weight.contiguous()
+    bias = None if bias is None else bias.contiguous()
+    if not needs_autograd(x, weight, bias, residual):
+        return _group_forward(x, weight, bias, residual, float(eps), store_stats=False)[0]
+    return _TritonSingleGroupNorm.apply(x, weight, bias, residual, float(eps))
+
+
+__all__ = ["MAX_FEATURES", "layer_norm_triton", "rms_norm_triton", "single_group_norm_triton"]
