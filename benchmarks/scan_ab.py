@@ -82,20 +82,25 @@ def compare_kernels(modules: dict, rounds: int) -> None:
             print(f"| {str(dtype)[6:]} | {shape} | " + " | ".join(cells) + " |", flush=True)
 
 
-def compare_training(modules: dict, cases: str, rounds: int) -> None:
-    """Eager and graphed training steps of whole models, the triton backend on each module in turn."""
+def use_scan(module) -> None:
+    """Points the ``triton`` scan backend at ``module``'s kernels."""
+    BACKENDS["triton"] = module.selective_scan_triton
+
+
+def compare_training(modules: dict, cases: str, rounds: int, use=use_scan) -> None:
+    """Eager and graphed training steps of whole models, ``use(module)`` pointing the package at each module
+    in turn (the last one, the current module, stays in use)."""
     print(f"\nTraining step on 4 s, median ms of {rounds} interleaved rounds (each: median of 5 steps)\n")
     print("| model | dtype | batch | eager: baseline / current (ratio) | graphed: baseline / current (ratio) |")
     print("|---|---|---|---|---|")
-    package_backend = BACKENDS["triton"]
     for model, dtype, batch, net, num_spks in model_cases(cases, torch.device("cuda")):
 
         def measure(name):
-            BACKENDS["triton"] = modules[name].selective_scan_triton
+            use(modules[name])
             return measure_training(net, num_spks, 4.0, batch, dtype, 5)
 
         measured = interleaved(list(modules), rounds, measure)
-        BACKENDS["triton"] = package_backend
+        use(modules[list(modules)[-1]])
         cells = [ratio_cell(measured, lambda row, key=key: row[key]) for key in ("eager_ms", "graph_ms")]
         print(f"| {model} | {dtype} | {batch} | " + " | ".join(cells) + " |", flush=True)
 

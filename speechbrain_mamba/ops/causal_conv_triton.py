@@ -124,60 +124,69 @@ def _conv_fwd_kernel(
 
 @triton.jit
 def _conv_bwd_kernel(
-    x_ptr, w_ptr, b_ptr, dout_ptr, dx_ptr, dw_part_ptr, db_part_ptr,
-    L, E, num_lblocks, sx_b, sx_l, sx_e, sg_b, sg_l, sg_e,
-    K: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_E: tl.constexpr,
+    x_ptr, w_ptr, b_ptr, dout_ptr, dx_ptr, part_ptr,
+    L, E, num_lblocks, num_tiles, tiles_per_program, sx_b, sx_l, sx_e, sg_b, sg_l, sg_e,
+    K: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_E: tl.constexpr,
     HAS_BIAS: tl.constexpr, REVERSE: tl.constexpr, WANT_DX: tl.constexpr, WANT_DW: tl.constexpr,
     SHIFTS: tl.constexpr,
 ):
-    """``dx`` of one tile of frames ``s`` (contiguous), and its frames' share of ``dw`` and ``db``.
+    """``dx`` of ``tiles_per_program`` consecutive tiles of frames ``s`` (contiguous), and their share of
+    ``dw`` and ``db``, summed in registers and stored as this program's partial row ``[dw (E x K), db (E)]``.
 
     ``g`` is recomputed at frames ``s + j`` (causal) or ``s - j`` (reverse) for
     ``j < K``: those are the frames that frame ``s`` feeds, through tap ``K - 1 - j``.
     ``SHIFTS``: ``K``, or 1 when only ``dw`` and ``db`` are wanted (they need ``g`` at ``s`` only).
     """
-    pid = tl.program_id(0)
-    pid_b = pid // num_lblocks
-    pid_l = pid % num_lblocks
-    offs_s = pid_l * BLOCK_L + tl.arange(0, BLOCK_L)
     offs_e = tl.program_id(1) * BLOCK_E + tl.arange(0, BLOCK_E)
     mask_e = offs_e < E
+    taps = tl.arange(0, BLOCK_K)
 
     bias = tl.zeros([BLOCK_E], tl.float32)
     if HAS_BIAS:
         bias = tl.load(b_ptr + offs_e, mask=mask_e, other=0.0).to(tl.float32)
-    x_seq = x_ptr + pid_b * sx_b + offs_e[None, :] * sx_e
-    g_seq = dout_ptr + pid_b * sg_b + offs_e[None, :] * sg_e
-
-    dx = tl.zeros([BLOCK_L, BLOCK_E], tl.float32)
-    for j in tl.static_range(SHIFTS):
-        if REVERSE:
-            t = offs_s - j
-        else:
-            t = offs_s + j
-        pre = _conv_tile(x_seq, w_ptr, bias, t, offs_e, mask_e, L, sx_l, K, BLOCK_L, BLOCK_E, REVERSE)
-        # Frames outside [0, L) have no output: their grad_out (and so g) is 0.
-        mask_t = ((t >= 0) & (t < L))[:, None] & mask_e[None, :]
-        dout = tl.load(g_seq + t[:, None] * sg_l, mask=mask_t, other=0.0).to(tl.float32)
-        sig = tl.sigmoid(pre)
-        g = dout * sig * (1.0 + pre * (1.0 - sig))
+    dw = tl.zeros([BLOCK_K, BLOCK_E], tl.float32)
+    db = tl.zeros([BLOCK_E], tl.float32)
+    for i in range(0, tiles_per_program):
+        tile = tl.program_id(0) * tiles_per_program + i
+        pid_b = tile // num_lblocks
+        offs_s = (tile % num_lblocks) * BLOCK_L + tl.arange(0, BLOCK_L)
+        length = tl.where(tile < num_tiles, L, 0)  # past the last tile every frame is masked
+        x_seq = x_ptr + pid_b * sx_b + offs_e[None, :] * sx_e
+        g_seq = dout_ptr + pid_b * sg_b + offs_e[None, :] * sg_e
+        dx = tl.zeros([BLOCK_L, BLOCK_E], tl.float32)
+        for j in tl.static_range(SHIFTS):
+            if REVERSE:
+                t = offs_s - j
+            else:
+                t = offs_s + j
+            pre = _conv_tile(x_seq, w_ptr, bias, t, offs_e, mask_e, length, sx_l, K, BLOCK_L, BLOCK_E, REVERSE)
+            # Frames outside [0, L) have no output: their grad_out (and so g) is 0.
+            mask_t = ((t >= 0) & (t < length))[:, None] & mask_e[None, :]
+            dout = tl.load(g_seq + t[:, None] * sg_l, mask=mask_t, other=0.0).to(tl.float32)
+            sig = tl.sigmoid(pre)
+            g = dout * sig * (1.0 + pre * (1.0 - sig))
+            if WANT_DX:
+                w_tap = tl.load(w_ptr + offs_e * K + (K - 1 - j), mask=mask_e, other=0.0).to(tl.float32)
+                dx += w_tap[None, :] * g
+            if WANT_DW:
+                if j == 0:
+                    # This tile's own frames: dw_k = sum_t g[t] x[t + d_k], db = sum_t g[t].
+                    for k in tl.static_range(K):
+                        src = offs_s + _tap_shift(k, K, REVERSE)
+                        mask_k = ((src >= 0) & (src < length))[:, None] & mask_e[None, :]
+                        x_k = tl.load(x_seq + src[:, None] * sx_l, mask=mask_k, other=0.0).to(tl.float32)
+                        dw += tl.where(taps[:, None] == k, tl.sum(g * x_k, axis=0)[None, :], 0.0)
+                    if HAS_BIAS:
+                        db += tl.sum(g, axis=0)
         if WANT_DX:
-            w_tap = tl.load(w_ptr + offs_e * K + (K - 1 - j), mask=mask_e, other=0.0).to(tl.float32)
-            dx += w_tap[None, :] * g
-        if WANT_DW:
-            if j == 0:
-                # This tile's own frames: dw_k = sum_t g[t] x[t + d_k], db = sum_t g[t].
-                for k in tl.static_range(K):
-                    src = offs_s + _tap_shift(k, K, REVERSE)
-                    mask_k = ((src >= 0) & (src < L))[:, None] & mask_e[None, :]
-                    x_k = tl.load(x_seq + src[:, None] * sx_l, mask=mask_k, other=0.0).to(tl.float32)
-                    tl.store(dw_part_ptr + (pid * E + offs_e) * K + k, tl.sum(g * x_k, axis=0), mask=mask_e)
-                if HAS_BIAS:
-                    tl.store(db_part_ptr + pid * E + offs_e, tl.sum(g, axis=0), mask=mask_e)
-    if WANT_DX:
-        mask = (offs_s < L)[:, None] & mask_e[None, :]
-        tl.store(dx_ptr + (pid_b * L + offs_s)[:, None] * E + offs_e[None, :],
-                 dx.to(dx_ptr.dtype.element_ty), mask=mask)
+            mask = (offs_s < length)[:, None] & mask_e[None, :]
+            tl.store(dx_ptr + (pid_b * L + offs_s)[:, None] * E + offs_e[None, :],
+                     dx.to(dx_ptr.dtype.element_ty), mask=mask)
+    if WANT_DW:
+        row = part_ptr + tl.program_id(0) * (E * (K + 1))
+        tl.store(row + offs_e[None, :] * K + taps[:, None], dw, mask=(taps < K)[:, None] & mask_e[None, :])
+        if HAS_BIAS:
+            tl.store(row + E * K + offs_e, db, mask=mask_e)
 
 
 @dataclass(frozen=True)
@@ -213,30 +222,38 @@ def _forward(x, weight2d, bias, reverse, config):
     return out
 
 
+@functools.lru_cache(maxsize=None)
+def _backward_programs(device_index: int) -> int:
+    """Programs of a backward launch that keep the SMs busy with one-warp programs (16 per SM); more tiles
+    are looped over by each program, which sums its tiles' weight gradients in registers."""
+    return 4 if interpreting() else 16 * torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
 def _backward(x, weight2d, bias, dout, reverse, want_dx, want_dw, config):
     batch, length, channels = x.shape
     kernel_size = weight2d.shape[1]
     plan = _plan(batch, length, channels, config)
-    rows = batch * plan.num_lblocks
-    f32 = dict(dtype=torch.float32, device=x.device)
+    num_tiles = batch * plan.num_lblocks
+    tiles_per_program = max(1, cdiv(num_tiles * plan.num_eblocks, _backward_programs(x.device.index or 0)))
+    rows = cdiv(num_tiles, tiles_per_program)
     dx = torch.empty(batch, length, channels, dtype=x.dtype, device=x.device) if want_dx else None
-    dw_part = torch.empty(rows if want_dw else 0, channels, kernel_size, **f32)
-    db_part = torch.empty(rows if want_dw and bias is not None else 0, channels, **f32)
-    check_32bit_offsets(grad_out=dout, weight_partials=dw_part)  # x and dx were checked with the output
+    # One partial row per program along the frames: dw (E x K), then db (E).
+    part = torch.empty(rows if want_dw else 0, channels * (kernel_size + 1), dtype=torch.float32, device=x.device)
+    check_32bit_offsets(grad_out=dout, weight_partials=part)  # x and dx were checked with the output
     if x.numel():
-        grid = (rows, plan.num_eblocks)
-        _conv_bwd_kernel[grid](
-            x, weight2d, weight2d if bias is None else bias, dout,
-            dw_part if dx is None else dx, dw_part, db_part,
-            length, channels, plan.num_lblocks, *x.stride(), *dout.stride(),
-            K=kernel_size, BLOCK_L=plan.block_l, BLOCK_E=plan.block_e,
+        _conv_bwd_kernel[(rows, plan.num_eblocks)](
+            x, weight2d, weight2d if bias is None else bias, dout, part if dx is None else dx, part,
+            length, channels, plan.num_lblocks, num_tiles, tiles_per_program, *x.stride(), *dout.stride(),
+            K=kernel_size, BLOCK_K=next_power_of_2(kernel_size), BLOCK_L=plan.block_l, BLOCK_E=plan.block_e,
             HAS_BIAS=bias is not None, REVERSE=reverse, WANT_DX=want_dx, WANT_DW=want_dw,
             SHIFTS=kernel_size if want_dx else 1, num_warps=plan.num_warps,
         )
     if not want_dw:
         return dx, None, None
-    # A fixed-order sum over the time tiles: deterministic, unlike atomics.
-    return dx, dw_part.sum(0), (db_part.sum(0) if bias is not None else None)
+    # A fixed-order sum over the programs' rows: deterministic, unlike atomics.
+    sums = part.sum(0)
+    dw = sums[: channels * kernel_size].view(channels, kernel_size)
+    return dx, dw, (sums[channels * kernel_size:] if bias is not None else None)
 
 
 def _kernel_parameters(
