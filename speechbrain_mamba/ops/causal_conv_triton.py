@@ -224,9 +224,9 @@ def _forward(x, weight2d, bias, reverse, config):
 
 @functools.lru_cache(maxsize=None)
 def _backward_programs(device_index: int) -> int:
-    """Programs of a backward launch that keep the SMs busy with one-warp programs (16 per SM); more tiles
+    """Programs of a backward launch that keep the SMs busy with one-warp programs (64 per SM); more tiles
     are looped over by each program, which sums its tiles' weight gradients in registers."""
-    return 4 if interpreting() else 16 * torch.cuda.get_device_properties(device_index).multi_processor_count
+    return 4 if interpreting() else 64 * torch.cuda.get_device_properties(device_index).multi_processor_count
 
 
 def _backward(x, weight2d, bias, dout, reverse, want_dx, want_dw, config):
