@@ -124,6 +124,13 @@ class DualPathModel(Dual_Path_Model):
             # torch.nn.utils.parametrize swaps a module's class.
             layer.__class__ = ChannelLastDualComputationBlock
 
+    def _Segmentation(self, input: torch.Tensor, K: int) -> Tuple[torch.Tensor, int]:
+        """The stock chunking, [B, N, L] -> [B, N, K, S], returned channels-innermost ([B, S, K, N] storage)
+        as the layers keep their activations: the first layer then reads it in place, and no copy of it in
+        the stock layout stays alive through that layer."""
+        chunks, gap = super()._Segmentation(input, K)
+        return chunks.permute(0, 3, 2, 1).contiguous().permute(0, 3, 2, 1), gap
+
     def _padding(self, input: torch.Tensor, K: int) -> Tuple[torch.Tensor, int]:
         """Zero-pads [B, N, L] by K // 2 on the left and K // 2 + gap on the right, as the stock method."""
         hop = K // 2
