@@ -181,6 +181,13 @@ class TestInterpretedKernels:
         assert_matches_loop(lambda x, w, b, r: conv(x, w.reshape(4, 4), b, r), x, weight, bias,
                             grad_out.contiguous(), True, rtol=1e-5, atol=1e-6)
 
+    @pytest.mark.parametrize("reverse", [False, True], ids=["causal", "reverse"])
+    def test_triton_backward_programs_take_tiles_of_several_sequences(self, kernels, reverse):
+        # 3 sequences of 9 frames: 9 time tiles x 2 channel tiles over 4 programs of 5 time tiles each, so a
+        # program's tiles run into the next sequence, and the last program's last tile is past the end.
+        x, weight, bias, grad_out = make_inputs(3, 9, 6, 4, True, dtype=torch.float32)
+        assert_matches_loop(self.tiny_triton(kernels), x, weight, bias, grad_out, reverse, rtol=1e-5, atol=1e-6)
+
     def test_triton_gradients_of_only_some_inputs(self, kernels):
         """The kernel skips dx (or dw and db) when autograd does not ask for it."""
         x, weight, bias, grad_out = make_inputs(1, 9, 5, 4, True, dtype=torch.float32)

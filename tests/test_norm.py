@@ -264,6 +264,13 @@ def test_single_group_norm_torch_path_matches_definition(shape):
     assert_group_matches_definition(public_group("torch"), *group_inputs(shape), atol=1e-5)
 
 
+def test_single_group_norm_torch_path_keeps_float64():
+    x, weight, bias, residual, grad_out = (t.detach().double() for t in group_inputs((2, 12, 5, 3)))
+    out = single_group_norm(x, weight, bias, EPS, residual)
+    assert out.dtype == torch.float64
+    torch.testing.assert_close(out, group_definition(x, weight, bias, residual), atol=1e-12, rtol=1e-12)
+
+
 def test_single_group_norm_module_adds_its_residual_in_the_residuals_layout():
     x, _, _, residual, _ = group_inputs((2, 12, 5, 3), channels_last=True)
     norm, reference = SingleGroupNorm(12, eps=EPS), torch.nn.GroupNorm(1, 12, eps=EPS)
@@ -285,12 +292,14 @@ def test_single_group_norm_refuses_bad_arguments():
 
 
 class TestInterpretedSingleGroupNorm:
-    """The kernels on the CPU with 2 positions of 12 (16 padded) channels per tile: each sample spans 4
-    programs, each looping over several tiles, the last partly masked."""
+    """The kernels on the CPU with 2 positions of 12 (16 padded) channels per tile: each sample spans several
+    programs (4 in all), each looping over several tiles, the last partly masked; with batch 1, programs also
+    pass the last tile."""
 
-    @pytest.mark.parametrize("case", ["3d", "4d", "channels-last", "no-affine", "no-residual"])
+    @pytest.mark.parametrize("case", ["3d", "4d", "channels-last", "no-affine", "no-residual", "past-the-end"])
     def test_triton_matches_definition(self, kernels, case):
-        shape = (2, 12, 23) if case == "3d" else (2, 12, 5, 3)
+        # (1, 12, 19): 10 tiles over 4 programs of 3 tiles, the last program's third tile past the end.
+        shape = {"3d": (2, 12, 23), "past-the-end": (1, 12, 19)}.get(case, (2, 12, 5, 3))
         x, weight, bias, residual, grad_out = group_inputs(shape, channels_last=case == "channels-last",
                                                            affine=case != "no-affine")
         assert_group_matches_definition(
@@ -329,6 +338,20 @@ class TestInterpretedSingleGroupNorm:
             kernels.single_group_norm_triton(torch.zeros(1, 2, 3, 4, 5), None, None, EPS)
         with pytest.raises(ValueError, match="1 to 8192 features; x has 8193"):
             kernels.single_group_norm_triton(torch.zeros(1, 8193, 2), None, None, EPS)
+        with pytest.raises(ValueError, match="both weight and bias, or neither"):
+            kernels.single_group_norm_triton(x.detach(), weight.detach(), None, EPS)
+
+    def test_triton_empty_input_stays_differentiable(self, kernels):
+        x = torch.zeros(2, 12, 0, requires_grad=True)
+        out = kernels.single_group_norm_triton(x, None, None, EPS, torch.zeros(2, 12, 0))
+        assert out.shape == x.shape and torch.autograd.grad(out.sum(), x)[0].shape == x.shape
+
+    def test_triton_gradient_of_the_residual_alone(self, kernels):
+        x, weight, bias, residual, grad_out = group_inputs((2, 12, 5, 3))
+        (d_residual,) = torch.autograd.grad(
+            kernels.single_group_norm_triton(x.detach(), weight.detach(), bias.detach(), EPS, residual), residual,
+            grad_out)
+        assert torch.equal(d_residual, grad_out)
 
     def test_public_function_and_dual_path_layer_run_the_kernels_when_interpreting(self, kernels, monkeypatch):
         from speechbrain_mamba.lobes import DualPathModel, MambaStack

@@ -3,9 +3,9 @@
 On CUDA, ``GroupNorm`` with one group reduces each sample in one thread block,
 so at batch 1 the whole normalisation is serial: it took 62% of a DPMamba-M
 inference on an H100 (speechbrain.md). :func:`speechbrain_mamba.ops.single_group_norm`
-spreads the statistics over the whole device (Triton kernels on CUDA, ``torch.var_mean``
-elsewhere), reads any memory layout in place and can add the residual that
-follows the norm in the same pass.
+spreads the statistics over the whole device (Triton kernels on CUDA, two passes of
+PyTorch reductions elsewhere), reads any memory layout in place and can add the
+residual that follows the norm in the same pass.
 """
 
 from typing import Optional

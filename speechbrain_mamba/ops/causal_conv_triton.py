@@ -14,10 +14,11 @@ Backward: with ``pre`` the convolution before SiLU and
 ``dx[s] = sum_j w[K - 1 - j] g[s +- j]``. The backward kernel recomputes
 ``pre`` (and so ``g``) at the ``K`` shifted positions of its tile instead of
 saving the output or writing ``g`` to memory: ``K^2`` tile loads of ``x``, all
-but the first few served by the cache. The weight and bias gradients of the
-tile's own frames go, summed over its frames, into an fp32 buffer of one row
-per time tile, ``(batch * num_time_tiles, E, K)``, that torch sums afterwards:
-no atomics, so the gradients are the same bits from run to run.
+but the first few served by the cache. Each backward program takes several
+consecutive time tiles (enough programs to fill the GPU) and sums the weight
+and bias gradients of their frames in registers into one fp32 row
+``[dw (E x K), db (E)]``; torch sums the rows afterwards: no atomics, so the
+gradients are the same bits from run to run.
 """
 
 import functools

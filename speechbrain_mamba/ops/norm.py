@@ -176,8 +176,9 @@ def single_group_norm(
         Same shape as ``x``.
     backend : str, optional
         ``"torch"``, ``"triton"`` or ``"auto"`` (the default): Triton for fp32,
-        fp16 and bf16 CUDA tensors of 3 or 4 dims with ``1 <= C <= 8192`` when
-        it imports (or under ``TRITON_INTERPRET=1``), PyTorch otherwise.
+        fp16 and bf16 CUDA tensors of 3 or 4 dims with ``1 <= C <= 8192`` (and no
+        float64 residual) when it imports (or under ``TRITON_INTERPRET=1``),
+        PyTorch otherwise.
 
     Returns
     -------
@@ -203,9 +204,11 @@ def single_group_norm(
     if residual is not None and residual.shape != x.shape:
         raise ValueError(f"residual must have x's shape {tuple(x.shape)}; got {tuple(residual.shape)}.")
     module = _backend(x, backend, features_dim=1)
-    if module is not None and (x.dim() in (3, 4) or backend == "triton"):
+    # "auto" leaves float64 residuals to PyTorch too: the kernels read in fp32.
+    fits = x.dim() in (3, 4) and (residual is None or residual.dtype != torch.float64)
+    if module is not None and (fits or backend == "triton"):
         return module.single_group_norm_triton(x, weight, bias, eps, residual)
-    x32 = x.float()
+    x32 = x if x.dtype == torch.float64 else x.float()  # float64 keeps its precision
     # Two passes over the sample (its mean, then the norm of the centred values), through all dims but the batch
     # (no copy of a permuted, e.g. channels-innermost, input): on the CPU 6x faster than torch.var_mean's
     # Welford reduction on DPMamba-M's dual-path activations (2 cores), and as exact.
@@ -215,11 +218,12 @@ def single_group_norm(
     scale = torch.rsqrt(mean_square + eps)  # [batch, 1, ...]
     view = (1, -1) + (1,) * (x.dim() - 2)
     if weight is not None:
-        scale = scale * weight.float().view(view)
+        scale = scale * weight.to(x32.dtype).view(view)
+        bias = bias.to(x32.dtype).view(view)
     if needs_autograd(x, weight, bias):
-        out = centred * scale if weight is None else torch.addcmul(bias.float().view(view), centred, scale)
+        out = centred * scale if weight is None else torch.addcmul(bias, centred, scale)
     else:  # the centred copy becomes the output
-        out = centred.mul_(scale) if weight is None else centred.mul_(scale).add_(bias.float().view(view))
+        out = centred.mul_(scale) if weight is None else centred.mul_(scale).add_(bias)
     out = out.to(x.dtype)
     return out if residual is None else residual + out  # the first operand's layout: the residual's
 

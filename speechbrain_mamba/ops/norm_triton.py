@@ -18,9 +18,9 @@ positions, so its statistics need the whole sample: each pass is two kernels,
 one writing per-program partials (the count, mean and sum of squared deviations
 of its tiles, merged by Chan's formula; for the backward pass the two sums the
 input gradient needs and partial rows of the parameter gradients), one merging
-them in a fixed order and normalising. PyTorch's path (``torch.var_mean``,
-then an fp32 affine map and a cast, then the residual sum) is eight kernels
-forward and about twelve backward, most of them over the whole activation.
+them in a fixed order and normalising (the residual added before the one
+rounding). PyTorch's path is about ten kernels forward, several of them over
+the whole activation, and more backward.
 """
 
 import functools
@@ -374,11 +374,11 @@ def _group_norm_fwd_kernel(x_ptr, w_ptr, b_ptr, r_ptr, y_ptr, part_ptr, stats_pt
     if AFFINE:
         scale *= tl.load(w_ptr + cols, mask=cols < C, other=0.0).to(tl.float32)
         shift = tl.load(b_ptr + cols, mask=cols < C, other=0.0).to(tl.float32)
-    shift -= mean * scale
     for tile in range(0, tiles_per_program):
         positions, cols, mask, _ = _tile_positions(part, tile, tiles_per_program, P, C, BLOCK_P, BLOCK_C)
-        y = _sample_tile(x_ptr, sample, positions, cols, mask, P2, sx_b, sx_c, sx_1, sx_2) * scale[None, :]
-        y += shift[None, :]
+        # Centred first: no digits lost when the mean is large against the spread.
+        x = _sample_tile(x_ptr, sample, positions, cols, mask, P2, sx_b, sx_c, sx_1, sx_2)
+        y = (x - mean) * scale[None, :] + shift[None, :]
         if HAS_RESIDUAL:
             y += _sample_tile(r_ptr, sample, positions, cols, mask, P2, sr_b, sr_c, sr_1, sr_2)
         offsets = sample * sy_b + (positions // P2) * sy_1 + (positions % P2) * sy_2
@@ -420,7 +420,7 @@ def _group_norm_bwd_sums_kernel(x_ptr, w_ptr, dy_ptr, stats_ptr, part_ptr, dwdb_
 
 
 @triton.jit
-def _group_norm_bwd_kernel(x_ptr, w_ptr, dy_ptr, stats_ptr, part_ptr, dx_ptr, P, C, P2,
+def _group_norm_bwd_kernel(x_ptr, w_ptr, dy_ptr, stats_ptr, part_ptr, dx_ptr, P, C, P2, inv_elements,
                            sx_b, sx_c, sx_1, sx_2, sd_b, sd_c, sd_1, sd_2, sdx_b, sdx_c, sdx_1, sdx_2,
                            tiles_per_program,
                            BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_PARTS: tl.constexpr,
@@ -432,9 +432,8 @@ def _group_norm_bwd_kernel(x_ptr, w_ptr, dy_ptr, stats_ptr, part_ptr, dx_ptr, P,
     parts = tl.arange(0, BLOCK_PARTS)
     row = part_ptr + (sample * tl.num_programs(1) + parts) * 2
     valid = parts < tl.num_programs(1)
-    elements = (P * C).to(tl.float32)
-    mean_g = tl.sum(tl.load(row, mask=valid, other=0.0), axis=0) / elements
-    mean_g_x_hat = tl.sum(tl.load(row + 1, mask=valid, other=0.0), axis=0) / elements
+    mean_g = tl.sum(tl.load(row, mask=valid, other=0.0), axis=0) * inv_elements
+    mean_g_x_hat = tl.sum(tl.load(row + 1, mask=valid, other=0.0), axis=0) * inv_elements
     cols = tl.arange(0, BLOCK_C)
     w = tl.load(w_ptr + cols, mask=cols < C, other=0.0).to(tl.float32) if AFFINE else 1.0
     for tile in range(0, tiles_per_program):
@@ -513,7 +512,7 @@ def _group_backward(x: torch.Tensor, weight: Optional[torch.Tensor], stats: torc
     w = x if weight is None else weight
     _group_norm_bwd_sums_kernel[grid](x, w, dy, stats, part, dwdb_part, P, channels, P2, *_sample_strides(x),
                                       *_sample_strides(dy), tiles_per_program, **common)
-    _group_norm_bwd_kernel[grid](x, w, dy, stats, part, dx, P, channels, P2, *_sample_strides(x),
+    _group_norm_bwd_kernel[grid](x, w, dy, stats, part, dx, P, channels, P2, 1.0 / (P * channels), *_sample_strides(x),
                                  *_sample_strides(dy), *_sample_strides(dx), tiles_per_program,
                                  BLOCK_PARTS=next_power_of_2(parts), **common)
     if weight is None:
@@ -529,7 +528,8 @@ class _TritonSingleGroupNorm(torch.autograd.Function):
     def forward(ctx, x, weight, bias, residual, eps):
         y, stats = _group_forward(x, weight, bias, residual, eps, store_stats=True)
         ctx.save_for_backward(x, weight, stats)
-        ctx.parameter_dtype = None if weight is None else weight.dtype
+        ctx.weight_dtype = None if weight is None else weight.dtype
+        ctx.bias_dtype = None if bias is None else bias.dtype
         ctx.residual_dtype = None if residual is None else residual.dtype
         return y
 
@@ -537,11 +537,13 @@ class _TritonSingleGroupNorm(torch.autograd.Function):
     @torch.autograd.function.once_differentiable
     def backward(ctx, dy):
         x, weight, stats = ctx.saved_tensors
-        dx, dw, db = _group_backward(x, weight, stats, dy)
         needs = ctx.needs_input_grad
-        return (dx if needs[0] else None, dw.to(ctx.parameter_dtype) if needs[1] else None,
-                db.to(ctx.parameter_dtype) if needs[2] else None,
-                dy.to(ctx.residual_dtype) if needs[3] else None, None)
+        dresidual = dy.to(ctx.residual_dtype) if needs[3] else None
+        if not any(needs[:3]):
+            return None, None, None, dresidual, None
+        dx, dw, db = _group_backward(x, weight, stats, dy)
+        return (dx if needs[0] else None, dw.to(ctx.weight_dtype) if needs[1] else None,
+                db.to(ctx.bias_dtype) if needs[2] else None, dresidual, None)
 
 
 def single_group_norm_triton(x: torch.Tensor, weight: Optional[torch.Tensor], bias: Optional[torch.Tensor],
@@ -574,10 +576,12 @@ def single_group_norm_triton(x: torch.Tensor, weight: Optional[torch.Tensor], bi
     if x.dim() not in (3, 4):
         raise ValueError(f"the Triton single-group norm takes [B, C, L] or [B, C, P1, P2]; x is {tuple(x.shape)}.")
     _check(x, weight, bias, features_dim=1)
+    if (weight is None) != (bias is None):
+        raise ValueError("the Triton single-group norm takes both weight and bias, or neither.")
     if residual is not None and residual.device != x.device:
         raise ValueError(f"the residual is on {residual.device} but x is on {x.device}.")
-    if not x.numel():
-        return torch.empty_like(x) if residual is None else x + residual
+    if not x.numel():  # still connected to autograd, in the residual's layout
+        return x * 0.0 if residual is None else residual + x * 0.0
     weight = None if weight is None else weight.contiguous()
     bias = None if bias is None else bias.contiguous()
     if not needs_autograd(x, weight, bias, residual):
