@@ -83,6 +83,32 @@ def test_torch_path_matches_loop(kernel_size, with_bias, reverse):
     assert_matches_loop(conv, x, weight, bias, grad_out, reverse)
 
 
+@pytest.mark.parametrize("kernel_size", [1, 3, 4])
+@pytest.mark.parametrize("with_bias", [True, False], ids=["bias", "nobias"])
+@pytest.mark.parametrize("reverse", [False, True], ids=["causal", "reverse"])
+def test_torch_path_without_autograd_matches_loop(kernel_size, with_bias, reverse):
+    """Without autograd the PyTorch backend adds shifted taps on the channel-last input (not F.conv1d)."""
+    for length in (11, 2):  # 2 frames: taps shifted past the whole sequence add nothing
+        x, weight, bias, _ = make_inputs(2, length, 6, kernel_size, with_bias)
+        with torch.no_grad():
+            out = causal_conv1d_silu(x, weight, bias, reverse, backend="torch")
+            expected = loop_reference(x, weight, bias, reverse)
+        assert out.is_contiguous() and out.dtype == torch.float64
+        torch.testing.assert_close(out, expected, rtol=1e-7, atol=1e-9)
+    x, weight, bias, _ = make_inputs(2, 11, 6, 4, with_bias, dtype=torch.float32)
+    with torch.no_grad():  # bf16 input, fp32 parameters: computed in fp32, returned in bf16
+        out = causal_conv1d_silu(x.bfloat16(), weight, bias, reverse, backend="torch")
+        expected = loop_reference(x.bfloat16().float(), weight, bias, reverse)
+    assert out.dtype == torch.bfloat16
+    torch.testing.assert_close(out.float(), expected, rtol=1e-2, atol=1e-2)
+
+
+@pytest.mark.parametrize("reverse", [False, True], ids=["causal", "reverse"])
+def test_torch_path_gradients_on_sequences_shorter_than_the_filter(reverse):
+    x, weight, bias, grad_out = make_inputs(2, 2, 6, 4, True)  # taps shifted by 2 and 3 frames read nothing
+    assert_matches_loop(lambda *a: causal_conv1d_silu(*a, backend="torch"), x, weight, bias, grad_out, reverse)
+
+
 def test_torch_path_takes_a_2d_weight_and_matches_the_mixers_conv1d():
     x, weight, bias, _ = make_inputs(2, 7, 3, 4, True)
     out = causal_conv1d_silu(x, weight.squeeze(1), bias, backend="torch")

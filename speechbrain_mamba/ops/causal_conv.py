@@ -6,6 +6,7 @@ from typing import Callable, Optional
 import torch
 import torch.nn.functional as F
 
+from speechbrain_mamba.ops.grad_mode import needs_autograd
 from speechbrain_mamba.ops.triton_support import interpreting
 
 CONV_BACKENDS = ("auto", "torch", "triton")
@@ -63,20 +64,83 @@ def _resolve_backend(x: torch.Tensor, backend: Optional[str], kernel_size: int) 
     return name
 
 
+def _shifts(length: int, kernel_size: int, skip_last: bool = False):
+    """``(k, shift)`` per tap: tap ``k`` reads frame ``t - shift`` for output frame ``t`` (``t + shift`` when
+    ``reverse``), ``shift = K - 1 - k``; taps shifted past the whole sequence are left out, and the last tap
+    (shift 0) with ``skip_last``."""
+    for k in range(kernel_size - 1 if skip_last else kernel_size):
+        shift = kernel_size - 1 - k
+        if shift < length:
+            yield k, shift
+
+
+def _pre_activation(x: torch.Tensor, taps: torch.Tensor, bias: Optional[torch.Tensor], reverse: bool) -> torch.Tensor:
+    """``bias + sum_k taps[:, k] * x`` shifted (see :func:`causal_conv1d_silu`), a new contiguous tensor in
+    ``taps``' dtype. The last tap reads the frame itself: it fills the buffer, the others add to parts of it."""
+    length = x.shape[1]
+    out = torch.mul(x, taps[:, -1]).to(taps.dtype)
+    if bias is not None:
+        out.add_(bias)
+    for k, shift in _shifts(length, taps.shape[1], skip_last=True):
+        if reverse:
+            out[:, : length - shift].addcmul_(x[:, shift:], taps[:, k])
+        else:
+            out[:, shift:].addcmul_(x[:, : length - shift], taps[:, k])
+    return out
+
+
+class _ChannelLastConv(torch.autograd.Function):
+    """Autograd wrapper of the PyTorch backend: keeps ``x``, recomputes the pre-activation in the backward
+    pass; ``dx`` and ``dw`` are the same shifted multiply-adds and sums, in the taps' dtype."""
+
+    @staticmethod
+    def forward(ctx, x, taps, bias, reverse):
+        ctx.save_for_backward(x, taps, bias)
+        ctx.reverse = reverse
+        return F.silu(_pre_activation(x, taps, bias, reverse), inplace=True).to(x.dtype)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, dout):
+        x, taps, bias = ctx.saved_tensors
+        pre = _pre_activation(x, taps, bias, ctx.reverse)
+        sig = torch.sigmoid(pre)
+        g = pre.mul_(1 - sig).add_(1).mul_(sig).mul_(dout)  # dout * silu'(pre)
+        length = x.shape[1]
+        dx = torch.mul(g, taps[:, -1]) if ctx.needs_input_grad[0] else None
+        dtaps = torch.zeros_like(taps) if ctx.needs_input_grad[1] else None
+        for k, shift in _shifts(length, taps.shape[1]):
+            # The output frames that tap k wrote, and the input frames it read.
+            written, read = (slice(None, length - shift), slice(shift, None)) if ctx.reverse else (
+                slice(shift, None), slice(None, length - shift))
+            if dx is not None and shift:
+                dx[:, read].addcmul_(g[:, written], taps[:, k])
+            if dtaps is not None:
+                dtaps[:, k] = torch.einsum("ble,ble->e", g[:, written], x[:, read].to(g.dtype))
+        db = g.sum((0, 1)) if bias is not None and ctx.needs_input_grad[2] else None
+        return None if dx is None else dx.to(x.dtype), dtaps, db, None
+
+
 def causal_conv1d_silu_torch(
     x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], reverse: bool = False
 ) -> torch.Tensor:
-    """PyTorch backend of :func:`causal_conv1d_silu`: ``F.conv1d`` on the channel-first view.
+    """PyTorch backend of :func:`causal_conv1d_silu`: ``K`` shifted multiply-adds on the channel-last input.
 
-    The reverse direction pads on the right and flips the (tiny) weight, not
-    the activations. Returns a ``(batch, L, E)`` view of a channel-first tensor.
+    Computed in fp32 (float64 for float64 input) in a contiguous buffer, SiLU
+    in place; returns a contiguous ``(batch, L, E)`` tensor in ``x``'s dtype.
+    With autograd the same arithmetic runs through :class:`_ChannelLastConv`,
+    so that recomputed activations equal the stored ones. On the CPU
+    ``F.conv1d`` needed a padded channel-first copy that took half of its time,
+    and its channel-first output slowed down the projections and the scan after
+    it (``benchmarks/results/cpu_conv_ab_2026-11-25.md``).
     """
     channels, kernel_size = x.shape[-1], weight.shape[-1]
-    weight = weight.reshape(channels, 1, kernel_size)
-    if reverse:
-        weight = weight.flip(-1)
-    padded = F.pad(x.transpose(1, 2), (0, kernel_size - 1) if reverse else (kernel_size - 1, 0))
-    return F.silu(F.conv1d(padded, weight, bias, groups=channels)).transpose(1, 2)
+    dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
+    taps = weight.reshape(channels, kernel_size).to(dtype)
+    bias = None if bias is None else bias.to(dtype)
+    if needs_autograd(x, taps, bias):
+        return _ChannelLastConv.apply(x, taps, bias, reverse)
+    return F.silu(_pre_activation(x, taps, bias, reverse), inplace=True).to(x.dtype)
 
 
 def causal_conv1d_silu(
