@@ -30,7 +30,9 @@ import triton
 import triton.language as tl
 
 from speechbrain_mamba.ops.grad_mode import needs_autograd
-from speechbrain_mamba.ops.triton_support import cdiv, check_32bit_offsets, interpreting, next_power_of_2
+from speechbrain_mamba.ops.triton_support import (
+    cdiv, check_32bit_offsets, interpreting, next_power_of_2, sm_count,
+)
 
 MAX_KERNEL_SIZE = 8  # the kernels unroll K (forward) and K^2 (backward) tile loads
 
@@ -223,11 +225,10 @@ def _forward(x, weight2d, bias, reverse, config):
     return out
 
 
-@functools.lru_cache(maxsize=None)
 def _backward_programs(device_index: int) -> int:
     """Programs of a backward launch that keep the SMs busy with one-warp programs (64 per SM); more tiles
     are looped over by each program, which sums its tiles' weight gradients in registers."""
-    return 4 if interpreting() else 64 * torch.cuda.get_device_properties(device_index).multi_processor_count
+    return 4 if interpreting() else 64 * sm_count(device_index)
 
 
 def _backward(x, weight2d, bias, dout, reverse, want_dx, want_dw, config):

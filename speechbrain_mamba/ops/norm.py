@@ -27,12 +27,13 @@ def load_triton_norms() -> Optional[ModuleType]:
     return norm_triton
 
 
-def _check_parameters(x: torch.Tensor, **parameters: Optional[torch.Tensor]) -> None:
-    """Raises a ValueError naming the first parameter that is not ``(N,)`` for ``x`` of ``(..., N)``."""
+def _check_parameters(x: torch.Tensor, features_dim: int = -1, **parameters: Optional[torch.Tensor]) -> None:
+    """Raises a ValueError naming the first parameter that is not ``(N,)``, ``N = x.shape[features_dim]``."""
+    features = x.shape[features_dim]
     for name, parameter in parameters.items():
-        if parameter is not None and parameter.shape != (x.shape[-1],):
+        if parameter is not None and parameter.shape != (features,):
             raise ValueError(
-                f"{name} must be ({x.shape[-1]},) for x of shape {tuple(x.shape)}; got {tuple(parameter.shape)}."
+                f"{name} must be ({features},) for x of shape {tuple(x.shape)}; got {tuple(parameter.shape)}."
             )
 
 
@@ -196,11 +197,7 @@ def single_group_norm(
         raise ValueError(f"single_group_norm expects x of [batch, channels, ...]; got shape {tuple(x.shape)}.")
     if (weight is None) != (bias is None):
         raise ValueError("single_group_norm takes both weight and bias, or neither.")
-    for name, parameter in (("weight", weight), ("bias", bias)):
-        if parameter is not None and parameter.shape != (x.shape[1],):
-            raise ValueError(
-                f"{name} must be ({x.shape[1]},) for x of shape {tuple(x.shape)}; got {tuple(parameter.shape)}."
-            )
+    _check_parameters(x, 1, weight=weight, bias=bias)
     if residual is not None and residual.shape != x.shape:
         raise ValueError(f"residual must have x's shape {tuple(x.shape)}; got {tuple(residual.shape)}.")
     module = _backend(x, backend, features_dim=1)

@@ -32,7 +32,7 @@ import triton
 import triton.language as tl
 
 from speechbrain_mamba.ops.grad_mode import needs_autograd
-from speechbrain_mamba.ops.triton_support import cdiv, interpreting, next_power_of_2
+from speechbrain_mamba.ops.triton_support import cdiv, interpreting, next_power_of_2, sm_count
 
 # Widest row the kernels take in one tile (DPMamba's 64-256, SepMamba's up to 1024 channels).
 MAX_FEATURES = 8192
@@ -146,7 +146,7 @@ def _backward_programs(device_index: int, features: int) -> int:
     PyTorch's time there), fewer for wide rows so that the partial rows stay within 16 MiB."""
     if interpreting():
         return 4
-    per_sm = 32 * torch.cuda.get_device_properties(device_index).multi_processor_count
+    per_sm = 32 * sm_count(device_index)
     return max(1, min(per_sm, _PARTIAL_ELEMENTS // features))
 
 
@@ -457,10 +457,9 @@ def _sample_strides(t: torch.Tensor) -> Tuple[int, int, int, int]:
     return t.stride(0), t.stride(1), t.stride(2), t.stride(3)
 
 
-@functools.lru_cache(maxsize=None)
 def _target_programs(device_index: int) -> int:
     """Programs per launch that keep every SM busy (4 per SM)."""
-    return 4 if interpreting() else 4 * torch.cuda.get_device_properties(device_index).multi_processor_count
+    return 4 if interpreting() else 4 * sm_count(device_index)
 
 
 def _group_launch(x: torch.Tensor) -> Tuple[int, int, int, int, int, int, int]:

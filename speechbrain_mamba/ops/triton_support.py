@@ -1,5 +1,6 @@
 """What the Triton kernels' wrappers share; importing this module does not import Triton."""
 
+import functools
 import os
 from typing import Optional
 
@@ -39,6 +40,23 @@ def next_power_of_2(n: int) -> int:
         A power of two.
     """
     return 1 << max(0, n - 1).bit_length()
+
+
+@functools.lru_cache(maxsize=None)
+def sm_count(device_index: int) -> int:
+    """Streaming multiprocessors of CUDA device ``device_index`` (cached: the query costs the host time).
+
+    Arguments
+    ---------
+    device_index : int
+        The CUDA device.
+
+    Returns
+    -------
+    int
+        Its number of SMs, which the kernels' wrappers size their grids by.
+    """
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
 
 
 def interpreting() -> bool:
