@@ -148,6 +148,34 @@ def test_mixer_without_gradients_makes_in_proj_halves_apart(mixer_class, monkeyp
     torch.testing.assert_close(without_grad, with_grad)
 
 
+
+def test_bimamba_without_gradients_frees_a_direction_before_projecting_the_next(monkeypatch):
+    """Without gradients the backward direction's dt is made after the forward direction's scan,
+    whose convolution output and dt are gone by then (with gradients the convolution output is kept)."""
+    torch.manual_seed(0)
+    mixer = BiMamba(16)
+    x = torch.randn(2, 13, 16)
+    scanned = []  # weak references to each scan's u and delta storage
+    scan = mamba_module.selective_scan
+
+    def recording_scan(u, delta, *args, **kwargs):
+        gc.collect()
+        alive = [ref() is not None for refs in scanned for ref in refs]
+        scanned.append((weakref.ref(u._base), weakref.ref(delta._base)))
+        recording_scan.alive_before.append(alive)
+        return scan(u, delta, *args, **kwargs)
+
+    monkeypatch.setattr(mamba_module, "selective_scan", recording_scan)
+    for grad in (False, True):
+        scanned.clear()
+        recording_scan.alive_before = []
+        with torch.set_grad_enabled(grad):
+            mixer(x)
+        first_scan, second_scan = recording_scan.alive_before
+        assert first_scan == []
+        # (u, delta) of the forward direction; with gradients, x_proj keeps u for its weight's gradient.
+        assert second_scan == [False, False] if not grad else second_scan[0]
+
 def test_stack_keeps_one_input_per_checkpointed_block():
     """A checkpointed block saves its residual sum only: the previous block's hidden and residual are
     not kept (the sum is made outside the checkpoint)."""

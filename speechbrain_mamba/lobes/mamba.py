@@ -37,14 +37,14 @@ class MambaState(NamedTuple):
 
 class _ScanInputs(NamedTuple):
     """One direction's scan inputs ([B, L, *] channel-last), the backend that scans them, and (streaming)
-    the convolution's new state."""
+    the convolution's new state. ``dt``, ``B`` and ``C`` are None until :meth:`Mamba._project` makes them."""
 
     u: torch.Tensor
-    dt: torch.Tensor
-    B: torch.Tensor
-    C: torch.Tensor
     backend: str
     conv_state: Optional[torch.Tensor]
+    dt: Optional[torch.Tensor] = None
+    B: Optional[torch.Tensor] = None
+    C: Optional[torch.Tensor] = None
 
 
 def _in_autocast_dtype(tensor: torch.Tensor) -> torch.Tensor:
@@ -188,7 +188,9 @@ class Mamba(nn.Module):
         x, z = mark("xz", self.in_proj(hidden)).chunk(2, dim=-1)
         return x, z
 
-    def scan_inputs(self, hidden: torch.Tensor, mark: Mark = keep) -> Tuple[torch.Tensor, List[_ScanInputs]]:
+    def scan_inputs(
+        self, hidden: torch.Tensor, mark: Mark = keep, project: bool = True
+    ) -> Tuple[torch.Tensor, List[_ScanInputs]]:
         """Everything before the scans: ``in_proj``, then each direction's convolution and projections.
 
         :class:`MambaBlock` runs it again in the backward pass when it
@@ -203,6 +205,10 @@ class Mamba(nn.Module):
             backward pass can rebuild (see
             :class:`~speechbrain_mamba.utils.recompute.RecomputedActivations`);
             by default nothing is marked.
+        project : bool
+            Also make each direction's ``x_proj`` and ``dt`` projections; if
+            False the inputs stop after the convolution (``dt``, ``B``, ``C``
+            None) and :meth:`_project` completes them.
 
         Returns
         -------
@@ -210,16 +216,21 @@ class Mamba(nn.Module):
         """
         if torch.is_grad_enabled() or mark is not keep:
             x, z = self._project_in(hidden, mark)
-            return z, [self._direction_inputs(x, suffix, reverse, mark) for suffix, reverse in self._directions()]
-        # Without gradients, x's half of in_proj is made, convolved and freed before z's half: the scan
-        # then runs without the x half alive (one [B, L, E] tensor less at the peak).
-        self._check_input(hidden)
-        x = self._project_half(hidden, 0)
-        directions = [self._direction_inputs(x, suffix, reverse) for suffix, reverse in self._directions()]
-        del x
-        return self._project_half(hidden, 1), directions
+            convolved = [self._convolve(x, suffix, reverse, mark) for suffix, reverse in self._directions()]
+        else:
+            # Without gradients, x's half of in_proj is made, convolved and freed before z's half: the scans
+            # then run without the x half alive (one [B, L, E] tensor less at the peak).
+            self._check_input(hidden)
+            x = self._project_half(hidden, 0)
+            convolved = [self._convolve(x, suffix, reverse) for suffix, reverse in self._directions()]
+            del x
+            z = self._project_half(hidden, 1)
+        if not project:
+            return z, convolved
+        suffixes = [suffix for suffix, _ in self._directions()]
+        return z, [self._project(inputs, suffix, mark) for inputs, suffix in zip(convolved, suffixes)]
 
-    def _direction_inputs(
+    def _convolve(
         self,
         x: torch.Tensor,
         suffix: str,
@@ -228,7 +239,7 @@ class Mamba(nn.Module):
         state: Optional[MambaState] = None,
         streaming: bool = False,
     ) -> _ScanInputs:
-        """One direction's convolution, SiLU and projections. ``x``: [B, L, E].
+        """One direction's convolution and SiLU, ``x``: [B, L, E]; the projections are left to :meth:`_project`.
 
         Activations stay channel-last (time frames of the projections) from
         ``in_proj`` to ``out_proj``; the scan reads them through transposed
@@ -256,11 +267,15 @@ class Mamba(nn.Module):
         x = mark("conv" + suffix, causal_conv1d_silu(x, conv.weight, conv.bias, reverse=reverse, backend=conv_backend))
         if streaming:
             x = x[:, history:]
-        x_dbl = mark("x_proj" + suffix, getattr(self, "x_proj" + suffix)(x))
+        return _ScanInputs(x, backend, conv_state)
+
+    def _project(self, inputs: _ScanInputs, suffix: str, mark: Mark = keep) -> _ScanInputs:
+        """``inputs`` with one direction's ``x_proj`` split into ``dt``, ``B``, ``C`` and ``dt_proj`` applied."""
+        x_dbl = mark("x_proj" + suffix, getattr(self, "x_proj" + suffix)(inputs.u))
         dt, B, C = torch.split(x_dbl, [self.dt_rank, self.d_state, self.d_state], dim=-1)
         # The dt bias is added in fp32 inside the scan, as mamba-ssm does.
         dt = mark("dt" + suffix, F.linear(dt, getattr(self, "dt_proj" + suffix).weight))
-        return _ScanInputs(x, dt, B, C, backend, conv_state)
+        return inputs._replace(dt=dt, B=B, C=C)
 
     def _scan(
         self,
@@ -302,12 +317,23 @@ class Mamba(nn.Module):
         return y, MambaState(inputs.conv_state, ssm_state)
 
     def forward(self, hidden: torch.Tensor, mark: Mark = keep) -> torch.Tensor:
-        """[batch, time, d_model] -> [batch, time, d_model], causal in time (anti-causal if reverse).
+        """[batch, time, d_model] -> [batch, time, d_model], causal in time (anti-causal if reverse;
+        :class:`BiMamba` sees the whole sequence).
 
         ``mark``: see :meth:`scan_inputs`.
         """
-        z, (inputs,) = self.scan_inputs(hidden, mark)
-        y = self._scan(inputs, z, "", reverse=self.reverse)
+        # Without gradients a direction's projections are made just before its scan and its inputs are freed
+        # after it: two [B, L, E] tensors less at BiMamba's peak than with both directions' inputs made first.
+        lazy = not torch.is_grad_enabled() and mark is keep
+        z, inputs = self.scan_inputs(hidden, mark, project=not lazy)
+        directions = self._directions()
+        y = None
+        for suffix, reverse in directions:
+            direction = inputs.pop(0)
+            if lazy:
+                direction = self._project(direction, suffix)
+            # BiMamba: the average of both directions comes out of the second scan (fused in the Triton kernel).
+            y = self._scan(direction, z, suffix, reverse, output_scale=1.0 / len(directions), output_add=y)
         return self.out_proj(y.transpose(1, 2))
 
     def step(
@@ -342,7 +368,7 @@ class Mamba(nn.Module):
         if self.reverse or hasattr(self, "conv1d_b"):
             raise ValueError("Mamba.step streams causal mixers only (not reverse=True, not BiMamba).")
         x, z = self._project_in(hidden)
-        inputs = self._direction_inputs(x, "", reverse=False, state=state, streaming=True)
+        inputs = self._project(self._convolve(x, "", reverse=False, state=state, streaming=True), "")
         y, state = self._scan(inputs, z, "", reverse=False, state=state, streaming=True)
         return self.out_proj(y.transpose(1, 2)), state
 
@@ -379,16 +405,6 @@ class BiMamba(Mamba):
     def _directions(self) -> Tuple[Tuple[str, bool], ...]:
         return (("", False), ("_b", True))
 
-    def forward(self, hidden: torch.Tensor, mark: Mark = keep) -> torch.Tensor:
-        """[batch, time, d_model] -> [batch, time, d_model], sees the whole sequence.
-
-        ``mark``: see :meth:`Mamba.scan_inputs`.
-        """
-        z, (forward_inputs, backward_inputs) = self.scan_inputs(hidden, mark)
-        # The average of both directions comes out of the second scan (fused in the Triton kernel).
-        half_forward = self._scan(forward_inputs, z, "", reverse=False, output_scale=0.5)
-        y = self._scan(backward_inputs, z, "_b", reverse=True, output_scale=0.5, output_add=half_forward)
-        return self.out_proj(y.transpose(1, 2))
 
 
 class RMSNorm(nn.Module):
