@@ -148,7 +148,6 @@ def test_mixer_without_gradients_makes_in_proj_halves_apart(mixer_class, monkeyp
     torch.testing.assert_close(without_grad, with_grad)
 
 
-
 def test_bimamba_without_gradients_frees_a_direction_before_projecting_the_next(monkeypatch):
     """Without gradients the backward direction's dt is made after the forward direction's scan,
     whose convolution output and dt are gone by then (with gradients the convolution output is kept)."""
@@ -175,6 +174,7 @@ def test_bimamba_without_gradients_frees_a_direction_before_projecting_the_next(
         assert first_scan == []
         # (u, delta) of the forward direction; with gradients, x_proj keeps u for its weight's gradient.
         assert second_scan == [False, False] if not grad else second_scan[0]
+
 
 def test_stack_keeps_one_input_per_checkpointed_block():
     """A checkpointed block saves its residual sum only: the previous block's hidden and residual are

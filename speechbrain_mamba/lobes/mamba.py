@@ -406,7 +406,6 @@ class BiMamba(Mamba):
         return (("", False), ("_b", True))
 
 
-
 class RMSNorm(nn.Module):
     """Root-mean-square norm over the last dimension, weight only (mamba-ssm's RMSNorm).
 
