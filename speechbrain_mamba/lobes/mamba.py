@@ -216,19 +216,18 @@ class Mamba(nn.Module):
         """
         if torch.is_grad_enabled() or mark is not keep:
             x, z = self._project_in(hidden, mark)
-            convolved = [self._convolve(x, suffix, reverse, mark) for suffix, reverse in self._directions()]
         else:
             # Without gradients, x's half of in_proj is made, convolved and freed before z's half: the scans
             # then run without the x half alive (one [B, L, E] tensor less at the peak).
             self._check_input(hidden)
-            x = self._project_half(hidden, 0)
-            convolved = [self._convolve(x, suffix, reverse) for suffix, reverse in self._directions()]
-            del x
+            x, z = self._project_half(hidden, 0), None
+        convolved = [self._convolve(x, suffix, reverse, mark) for suffix, reverse in self._directions()]
+        del x
+        if z is None:
             z = self._project_half(hidden, 1)
         if not project:
             return z, convolved
-        suffixes = [suffix for suffix, _ in self._directions()]
-        return z, [self._project(inputs, suffix, mark) for inputs, suffix in zip(convolved, suffixes)]
+        return z, [self._project(inputs, suffix, mark) for inputs, (suffix, _) in zip(convolved, self._directions())]
 
     def _convolve(
         self,
