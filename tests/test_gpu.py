@@ -46,7 +46,7 @@ def test_mamba_ssm_last_state_has_no_gradient():
 
 
 def test_auto_backend_on_cuda():
-    expected = "mamba_ssm" if load_mamba_ssm_scan() else "triton" if load_triton_scan() else "torch"
+    expected = "triton" if load_triton_scan() else "mamba_ssm" if load_mamba_ssm_scan() else "torch"
     assert resolve_backend(torch.zeros(1, device="cuda")) == expected
     with_state = "triton" if load_triton_scan() else "torch"
     assert resolve_backend(torch.zeros(1, device="cuda"), initial_state=torch.zeros(1, device="cuda")) == with_state

@@ -1,7 +1,9 @@
 """Every selective-scan backend against the step-by-step loop reference."""
 
+import importlib
 import subprocess
 import sys
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -148,6 +150,22 @@ def test_backend_choice(monkeypatch):
         resolve_backend(u)
     with pytest.raises(ValueError, match="backend='cuda'"):
         resolve_backend(u, "cuda")
+
+
+def test_auto_prefers_triton_then_mamba_ssm_on_cuda(monkeypatch):
+    """Our Triton kernels first (faster in our mixers, benchmarks/results/mamba_ssm_2026-11-25_h100/), then
+    mamba-ssm's kernel (no initial state), then PyTorch; the GPU is faked: only ``u.is_cuda`` is read."""
+    module = importlib.import_module("speechbrain_mamba.ops.selective_scan")  # the module, not the function
+    cuda_tensor = SimpleNamespace(is_cuda=True)
+    monkeypatch.delenv(BACKEND_ENV_VAR, raising=False)
+    monkeypatch.setattr(module, "load_triton_scan", lambda: module.selective_scan_triton)
+    monkeypatch.setattr(module, "load_mamba_ssm_scan", lambda: module.selective_scan_mamba_ssm)
+    assert resolve_backend(cuda_tensor) == "triton"
+    monkeypatch.setattr(module, "load_triton_scan", lambda: None)
+    assert resolve_backend(cuda_tensor) == "mamba_ssm"
+    assert resolve_backend(cuda_tensor, initial_state=torch.zeros(1)) == "torch"
+    monkeypatch.setattr(module, "load_mamba_ssm_scan", lambda: None)
+    assert resolve_backend(cuda_tensor) == "torch"
 
 
 def test_mamba_ssm_backend_refuses_cpu_clearly():
