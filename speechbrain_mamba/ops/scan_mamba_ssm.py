@@ -1,4 +1,4 @@
-"""mamba-ssm's CUDA selective scan, used when the user has it installed.
+"""mamba-ssm's CUDA selective scan, for users who ask for it (``backend="mamba_ssm"``) or have no Triton.
 
 Nothing here is imported until a CUDA tensor asks for it, so a CPU-only install
 never touches mamba_ssm (which cannot even be imported without its compiled
