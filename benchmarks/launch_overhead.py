@@ -6,11 +6,16 @@ reported per call. Rows: the scan's public call on DPMamba-M's 4 s intra-chunk s
 launch), the causal convolution, RMSNorm, a kernel with an empty body and 10 or 61 arguments (through
 Triton's JIT launcher, and through the compiled kernel's own launcher, which skips the JIT's argument
 specialisation), a PyTorch op for reference, and the scan's Python wrapper with its launch replaced by a
-no-op.
+no-op. Then forward + backward of the scan, the convolution and RMSNorm (``torch.autograd.grad`` of every
+input): host and GPU time per call, whether a call synchronises with the GPU, and the scan's host cost
+with its kernels' launches replaced by no-ops; ``--cprofile`` adds Python profiles of those calls.
 
-Usage: ``python benchmarks/launch_overhead.py``
+Usage: ``python benchmarks/launch_overhead.py [--cprofile]``
 """
 
+import cProfile
+import pstats
+import sys
 import time
 from typing import Callable
 
@@ -97,8 +102,84 @@ def main() -> None:
     with torch.no_grad():
         for name, call in rows:
             print(f"{name:45s} {host_us(call):8.1f} us/call", flush=True)
+    training_rows(x, z, delta, A, B, C, D, dt_bias, conv_weight, conv_bias, hidden, norm_weight)
+    with torch.no_grad():
         scan_triton._scan_fwd_sequential_kernel = _NoLaunch()
         print(f"{'selective_scan, its launch a no-op':45s} {host_us(scan):8.1f} us/call")
+
+
+def gpu_us(call: Callable[[], object], calls: int = 20) -> float:
+    """GPU microseconds per call: the summed durations of the kernels ``calls`` calls ran (profiler)."""
+    from profile_model import kernel_totals
+    from torch.profiler import ProfilerActivity, profile
+
+    call()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        for _ in range(calls):
+            call()
+        torch.cuda.synchronize()
+    return kernel_totals(prof)[1] * 1e3 / calls
+
+
+def training_rows(x, z, delta, A, B, C, D, dt_bias, conv_weight, conv_bias, hidden, norm_weight) -> None:
+    """Forward + backward (``torch.autograd.grad`` of every input): host and GPU microseconds per call, whether
+    a call synchronises with the GPU, and the host cost with the scan kernels' launches replaced by no-ops."""
+    leaves = [t.detach().clone().requires_grad_() for t in (x, z, delta, A, B, C, D, dt_bias)]
+    xs, zs, ds, As, Bs, Cs, Ds, biases = leaves
+    dy = torch.randn_like(xs.transpose(1, 2))
+    conv_leaves = [t.detach().clone().requires_grad_() for t in (x, conv_weight, conv_bias)]
+    norm_leaves = [t.detach().clone().requires_grad_() for t in (hidden, norm_weight)]
+
+    def scan() -> object:
+        y = selective_scan(xs.transpose(1, 2), ds, As, Bs, Cs, D=Ds, z=zs.transpose(1, 2), delta_bias=biases,
+                           delta_softplus=True, reverse=True, output_scale=0.5, backend="triton")
+        return torch.autograd.grad(y, leaves, dy)
+
+    def conv() -> object:
+        out = causal_conv1d_silu(*conv_leaves)
+        return torch.autograd.grad(out, conv_leaves, torch.ones_like(out))
+
+    def norm() -> object:
+        out = rms_norm(*norm_leaves)
+        return torch.autograd.grad(out, norm_leaves, torch.ones_like(out))
+
+    def scale() -> object:
+        out = norm_leaves[0] * 2.0
+        return torch.autograd.grad(out, norm_leaves[:1], torch.ones_like(out))
+
+    print("# forward + backward, every input's gradient; host us: back-to-back calls; GPU us: kernels' durations")
+    calls = (("selective_scan", scan), ("causal_conv1d_silu", conv), ("rms_norm", norm),
+             ("torch mul (reference)", scale))
+    for name, call in calls:
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            call()
+            synchronises = "no"
+        except RuntimeError as error:
+            synchronises = f"yes: {str(error).splitlines()[0]}"
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+        print(f"{name + ' fwd+bwd':45s} host {host_us(call, calls=500, rounds=3):8.1f} us/call, "
+              f"GPU {gpu_us(call):8.1f} us/call, synchronises: {synchronises}", flush=True)
+    kernels = ("_scan_fwd_sequential_kernel", "_scan_bwd_sequential_kernel", "_scan_bwd_sequential_summary_kernel")
+    saved = {name: getattr(scan_triton, name) for name in kernels}
+    for name in kernels:
+        setattr(scan_triton, name, _NoLaunch())
+    no_launch_us = host_us(scan, calls=500, rounds=3)
+    print(f"{'selective_scan fwd+bwd, scan launches no-ops':45s} host {no_launch_us:8.1f} us/call")
+    for name, kernel in saved.items():
+        setattr(scan_triton, name, kernel)
+    if "--cprofile" in sys.argv:
+        for name, call in calls[:3]:
+            profiler = cProfile.Profile()
+            profiler.enable()
+            for _ in range(200):
+                call()
+            torch.cuda.synchronize()
+            profiler.disable()
+            print(f"# cProfile of 200 calls of {name} fwd+bwd, by own time")
+            pstats.Stats(profiler).sort_stats("tottime").print_stats(18)
 
 
 if __name__ == "__main__":
