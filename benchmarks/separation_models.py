@@ -79,6 +79,12 @@ BASELINES = ("sepformer", "dprnn")
 LENGTHS = (1, 2, 4, 8, 16, 32, 60, 120)
 LONG_LENGTH = 60  # inputs longer than this are measured last
 TRAIN_BATCHES = (1, 4)
+# The SepMamba paper's figures (Avenstrup et al., arXiv 2410.20997, as ../shared/docs/models.md lists them):
+# parameters, GMAC per second of audio, one forward time and one memory figure (protocols not stated).
+SEPMAMBA_PAPER = {
+    "sepmamba_s": dict(params_m=7.254, gmac_per_s=12.46, forward_ms=17.84, memory_gb=2.00),
+    "sepmamba_m": dict(params_m=22.249, gmac_per_s=37.0, forward_ms=27.25, memory_gb=3.04),
+}
 ANCHORS_DIR = Path(__file__).resolve().parent / "anchors"
 FULL_DEFAULTS = {"lengths": ",".join(map(str, LENGTHS)), "train_seconds": 4.0, "flops_seconds": 4.0, "repeats": 3}
 QUICK_DEFAULTS = {"lengths": "0.25,0.5", "train_seconds": 0.25, "flops_seconds": 0.25, "repeats": 1}
@@ -101,21 +107,24 @@ def _counted_scan(
     delta_bias: Optional[torch.Tensor],
     delta_softplus: bool,
     reverse: bool,
+    output_scale: float,
+    output_add: Optional[torch.Tensor],
     backend: Optional[str],
 ) -> torch.Tensor:
     """The package's selective scan as one opaque op that FlopCounterMode can see."""
     from speechbrain_mamba.ops import selective_scan
 
     return selective_scan(
-        u, delta, A, B, C, D=D, z=z, delta_bias=delta_bias,
-        delta_softplus=delta_softplus, reverse=reverse, backend=backend,
+        u, delta, A, B, C, D=D, z=z, delta_bias=delta_bias, delta_softplus=delta_softplus, reverse=reverse,
+        output_scale=output_scale, output_add=output_add, backend=backend,
     )
 
 
 @register_flop_formula(torch.ops.speechbrain_mamba_bench.selective_scan)
 def _scan_flops(u_shape, delta_shape, A_shape, B_shape, C_shape, D_shape, z_shape, delta_bias_shape,
                 delta_softplus, *args, out_shape=None, **kwargs) -> int:
-    """9*B*E*N*L flops for the scan proper, plus B*E*L per softplus, D skip and z gate."""
+    """9*B*E*N*L flops for the scan proper, plus B*E*L per softplus, D skip and z gate (BiMamba's average,
+    fused into the scan as ``output_scale``/``output_add``, is not counted: elementwise ops are not)."""
     batch, channels, length = u_shape
     per_frame = batch * channels * length
     flops = 9 * per_frame * A_shape[1]
@@ -123,34 +132,55 @@ def _scan_flops(u_shape, delta_shape, A_shape, B_shape, C_shape, D_shape, z_shap
     return flops
 
 
+@torch.library.custom_op("speechbrain_mamba_bench::causal_conv1d_silu", mutates_args=())
+def _counted_conv(
+    x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], reverse: bool, backend: Optional[str]
+) -> torch.Tensor:
+    """The package's causal depthwise convolution + SiLU as one opaque op that FlopCounterMode can see (its
+    PyTorch backend adds shifted taps, which FlopCounterMode would not count)."""
+    from speechbrain_mamba.ops import causal_conv1d_silu
+
+    return causal_conv1d_silu(x, weight, bias, reverse=reverse, backend=backend)
+
+
+@register_flop_formula(torch.ops.speechbrain_mamba_bench.causal_conv1d_silu)
+def _conv_flops(x_shape, weight_shape, *args, out_shape=None, **kwargs) -> int:
+    """2*B*L*E*K: a multiply and an add per tap and output, as FlopCounterMode counts ``F.conv1d``."""
+    batch, length, channels = x_shape
+    return 2 * batch * length * channels * weight_shape[-1]
+
+
 @contextmanager
-def counted_scan() -> Iterator[None]:
-    """Routes the Mamba lobes' selective scan through the counted custom op."""
+def counted_ops() -> Iterator[None]:
+    """Routes the Mamba lobes' selective scan and causal convolution through the counted custom ops."""
     import speechbrain_mamba.lobes.mamba as mamba_lobe
 
-    original = mamba_lobe.selective_scan
+    originals = mamba_lobe.selective_scan, mamba_lobe.causal_conv1d_silu
 
-    def scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
-             return_last_state=False, initial_state=None, reverse=False, backend=None):
+    def scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False, return_last_state=False,
+             initial_state=None, reverse=False, output_scale=1.0, output_add=None, backend=None):
         if return_last_state or initial_state is not None:
             raise NotImplementedError("GMAC counting covers offline separation, not streaming state.")
-        return _counted_scan(u, delta, A, B, C, D, z, delta_bias, delta_softplus, reverse, backend)
+        return _counted_scan(u, delta, A, B, C, D, z, delta_bias, delta_softplus, reverse, float(output_scale),
+                             output_add, backend)
 
-    mamba_lobe.selective_scan = scan
+    def conv(x, weight, bias=None, reverse=False, backend=None):
+        return _counted_conv(x, weight, bias, reverse, backend)
+
+    mamba_lobe.selective_scan, mamba_lobe.causal_conv1d_silu = scan, conv
     try:
         yield
     finally:
-        mamba_lobe.selective_scan = original
+        mamba_lobe.selective_scan, mamba_lobe.causal_conv1d_silu = originals
 
 
 def count_gmac(modules: torch.nn.ModuleDict, num_spks: int, mixture: torch.Tensor) -> Tuple[float, float]:
     """GMAC of one fp32 forward, in total and in the selective scan."""
     counter = FlopCounterMode(display=False)
-    with counted_scan(), counter:
+    with counted_ops(), counter:
         inference_step(modules, num_spks, mixture, "fp32")()
     scan_flops = sum(
-        count for op, count in counter.get_flop_counts()["Global"].items()
-        if "speechbrain_mamba_bench" in str(op)
+        count for op, count in counter.get_flop_counts()["Global"].items() if "selective_scan" in str(op)
     )
     return counter.get_total_flops() / 2e9, scan_flops / 2e9
 
@@ -515,9 +545,10 @@ def summary(meta: dict, records: List[dict], anchors: Dict[str, dict]) -> str:
                              f"{r['scan_gmac_per_s']:.2f} |")
             else:
                 lines.append(f"| {r['model']} | - | {r['status']} | - |")
-        lines += ["", "Scan formula: 9*B*E*N*L flops + B*E*L each for softplus(dt), D skip, z gate; matmuls and "
-                  "convolutions as FlopCounterMode counts them; other elementwise ops (norms, activations) not "
-                  "counted. GMAC = flops / 2."]
+        lines += ["", "Scan formula: 9*B*E*N*L flops + B*E*L each for softplus(dt), D skip, z gate; the Mamba "
+                  "mixers' depthwise convolution 2*B*L*E*K; matmuls and other convolutions as FlopCounterMode "
+                  "counts them; other elementwise ops (norms, activations) not counted. GMAC = flops / 2."]
+    lines += _sepmamba_paper_lines(table, records, models, lengths, dtypes)
     anchors = {name: anchor for name, anchor in anchors.items() if name in models}
     if anchors:
         lines += ["", "## Against the anchors (kernels.md; H100, 2026-11-23, mamba-ssm kernels, another run)", "",
@@ -537,6 +568,30 @@ def summary(meta: dict, records: List[dict], anchors: Dict[str, dict]) -> str:
         lines += ["", "## Not measured", ""]
         lines += [f"- {describe(r)}" for r in skipped]
     return "\n".join(lines) + "\n"
+
+
+def _sepmamba_paper_lines(table: Table, records: List[dict], models: List[str], lengths: List[float],
+                          dtypes: List[str]) -> List[str]:
+    """SepMamba S and M beside the paper's figures: parameters, GMAC/s, inference time and memory vs length."""
+    rows = [m for m in models if m in SEPMAMBA_PAPER]
+    if not rows:
+        return []
+    gmac = {r["model"]: r for r in records if r["kind"] == "gmac" and r["status"] == "ok"}
+    lines = ["", "## SepMamba beside its paper (Avenstrup et al., arXiv 2410.20997; models.md)", "",
+             "The paper gives one forward time and one memory figure per model without their protocol (input "
+             "length, precision, GPU); this run gives inference time / peak memory at batch 1 for each length.", "",
+             "| model | dtype | params (paper) | GMAC/s (paper) | " + " | ".join(f"{s:g} s" for s in lengths)
+             + " | paper: forward / memory |", "|---" * (len(lengths) + 5) + "|"]
+    for model in rows:
+        paper = SEPMAMBA_PAPER[model]
+        ours = gmac.get(model)
+        params = f"{ours['params'] / 1e6:.3f}M" if ours else "-"
+        per_s = f"{ours['gmac_per_s']:.2f}" if ours else "-"
+        for dtype in dtypes:
+            lines.append(f"| {model} | {dtype} | {params} ({paper['params_m']}M) | {per_s} ({paper['gmac_per_s']}) | "
+                         + " | ".join(cell(table.get(model, "infer", dtype, s)) for s in lengths)
+                         + f" | {paper['forward_ms']} ms / {paper['memory_gb']} GB |")
+    return lines
 
 
 def _anchor_ratio(table: Table, model: str, kind: str, dtype: str, seconds: float, ref: Optional[dict]) -> str:
