@@ -5,6 +5,7 @@ The scripts run as ``python benchmarks/<script>.py`` from the repository root,
 so this module is imported by its plain name (``benchmarks/`` is on sys.path).
 """
 
+import cProfile
 import importlib.util
 import os
 import platform
@@ -250,3 +251,14 @@ def reset_peak_rss() -> int:
     with open("/proc/self/clear_refs", "w") as handle:
         handle.write("5")
     return status_kib("VmRSS")
+
+
+def cprofile_calls(call: Callable[[], object], calls: int) -> cProfile.Profile:
+    """A Python profile of ``calls`` calls of ``call`` on the GPU, synchronised before it stops."""
+    profiler = cProfile.Profile()
+    profiler.enable()
+    for _ in range(calls):
+        call()
+    torch.cuda.synchronize()
+    profiler.disable()
+    return profiler

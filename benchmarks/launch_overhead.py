@@ -13,7 +13,6 @@ with its kernels' launches replaced by no-ops; ``--cprofile`` adds Python profil
 Usage: ``python benchmarks/launch_overhead.py [--cprofile]``
 """
 
-import cProfile
 import pstats
 import sys
 import time
@@ -24,7 +23,8 @@ import triton
 import triton.language as tl
 
 import speechbrain_mamba.ops.scan_triton as scan_triton
-from bench_utils import machine_description
+from bench_utils import cprofile_calls, machine_description
+from profile_model import kernel_ms_per_call
 from speechbrain_mamba.ops import causal_conv1d_silu, rms_norm, selective_scan
 
 
@@ -108,20 +108,6 @@ def main() -> None:
         print(f"{'selective_scan, its launch a no-op':45s} {host_us(scan):8.1f} us/call")
 
 
-def gpu_us(call: Callable[[], object], calls: int = 20) -> float:
-    """GPU microseconds per call: the summed durations of the kernels ``calls`` calls ran (profiler)."""
-    from profile_model import kernel_totals
-    from torch.profiler import ProfilerActivity, profile
-
-    call()
-    torch.cuda.synchronize()
-    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
-        for _ in range(calls):
-            call()
-        torch.cuda.synchronize()
-    return kernel_totals(prof)[1] * 1e3 / calls
-
-
 def training_rows(x, z, delta, A, B, C, D, dt_bias, conv_weight, conv_bias, hidden, norm_weight) -> None:
     """Forward + backward (``torch.autograd.grad`` of every input): host and GPU microseconds per call, whether
     a call synchronises with the GPU, and the host cost with the scan kernels' launches replaced by no-ops."""
@@ -161,7 +147,7 @@ def training_rows(x, z, delta, A, B, C, D, dt_bias, conv_weight, conv_bias, hidd
         finally:
             torch.cuda.set_sync_debug_mode("default")
         print(f"{name + ' fwd+bwd':45s} host {host_us(call, calls=500, rounds=3):8.1f} us/call, "
-              f"GPU {gpu_us(call):8.1f} us/call, synchronises: {synchronises}", flush=True)
+              f"GPU {1e3 * kernel_ms_per_call(call):8.1f} us/call, synchronises: {synchronises}", flush=True)
     kernels = ("_scan_fwd_sequential_kernel", "_scan_bwd_sequential_kernel", "_scan_bwd_sequential_summary_kernel")
     saved = {name: getattr(scan_triton, name) for name in kernels}
     for name in kernels:
@@ -172,14 +158,8 @@ def training_rows(x, z, delta, A, B, C, D, dt_bias, conv_weight, conv_bias, hidd
         setattr(scan_triton, name, kernel)
     if "--cprofile" in sys.argv:
         for name, call in calls[:3]:
-            profiler = cProfile.Profile()
-            profiler.enable()
-            for _ in range(200):
-                call()
-            torch.cuda.synchronize()
-            profiler.disable()
             print(f"# cProfile of 200 calls of {name} fwd+bwd, by own time")
-            pstats.Stats(profiler).sort_stats("tottime").print_stats(18)
+            pstats.Stats(cprofile_calls(call, 200)).sort_stats("tottime").print_stats(18)
 
 
 if __name__ == "__main__":

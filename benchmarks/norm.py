@@ -29,6 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import bench_utils  # noqa: E402
 from cuda_graphs import measure_training  # noqa: E402
+from profile_model import kernel_ms_per_call  # noqa: E402
 from gpu_scan_kernels import header  # noqa: E402
 from scan_ab import interleaved, model_cases, ratio_cell  # noqa: E402
 import speechbrain_mamba.lobes.norms as norm_lobes  # noqa: E402
@@ -45,22 +46,6 @@ SHAPES = [("rms", "intra-4s-x4", (132, 250), 256), ("rms", "inter-4s-x4", (1000,
           ("layer", "sepM-stage3-4s", (1, 3987), 512), ("group", "dual-path-4s", (1, 34), 256),
           ("group", "dual-path-4s-x4", (4, 34), 256), ("group", "dual-path-60s", (1, 482), 256)]
 BACKENDS = ("torch", "triton")
-
-
-def gpu_ms(fn, calls: int = 20) -> float:
-    """GPU time per call: the kernels' total time under the profiler (a lone norm is short enough that
-    timing it from the host measures the host)."""
-    from torch.profiler import ProfilerActivity, profile
-
-    from profile_model import kernel_totals
-
-    fn()
-    torch.cuda.synchronize()
-    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
-        for _ in range(calls):
-            fn()
-        torch.cuda.synchronize()
-    return kernel_totals(prof)[1] / calls
 
 
 def time_norm(kind, shape, dtype) -> dict:
@@ -103,7 +88,7 @@ def time_norm(kind, shape, dtype) -> dict:
                 out = norm()
             torch.autograd.grad(out, params, grad.to(out.dtype))
 
-        results[backend] = (gpu_ms(forward), gpu_ms(both))
+        results[backend] = (kernel_ms_per_call(forward), kernel_ms_per_call(both))
     return results
 
 

@@ -18,7 +18,6 @@ Usage (from the repository root, on a CUDA machine)::
 """
 
 import argparse
-import cProfile
 import io
 import pstats
 import sys
@@ -141,12 +140,7 @@ def main() -> None:
             lines.append(f"| {other}: whole separation | {host:.1f} | {elapsed_us_per_call(other_step, 3):.1f} |")
             print(lines[-1], flush=True)
             del other_modules
-        profiler = cProfile.Profile()
-        profiler.enable()
-        for _ in range(5):
-            step()
-        torch.cuda.synchronize()
-        profiler.disable()
+        profiler = bench_utils.cprofile_calls(step, 5)
     for order in ("tottime", "cumulative"):
         text = io.StringIO()
         pstats.Stats(profiler, stream=text).sort_stats(order).print_stats(args.top)

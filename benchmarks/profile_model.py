@@ -67,6 +67,18 @@ def kernel_totals(prof: profile) -> Tuple[List[Tuple[str, int, float]], float, i
     return rows, sum(row[2] for row in rows), sum(row[1] for row in rows)
 
 
+def kernel_ms_per_call(fn, calls: int = 20) -> float:
+    """GPU time per call of ``fn``: its kernels' total time under the profiler (short calls timed from the host
+    would measure the host)."""
+    fn()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        for _ in range(calls):
+            fn()
+        torch.cuda.synchronize()
+    return kernel_totals(prof)[1] / calls
+
+
 def operator_device_totals(prof: profile) -> List[Tuple[str, int, float]]:
     """(operator, count, GPU ms of the kernels it launched itself), largest first."""
     rows = [(e.key, e.count, e.self_device_time_total / 1e3) for e in prof.key_averages()
