@@ -28,8 +28,10 @@ setup(
         "fast_bss_eval>=0.1.3",
     ],
     extras_require={
-        # Optional CUDA fast path; source-only on PyPI, builds against the installed torch.
-        "mamba-ssm": ["mamba-ssm>=2.2", "causal-conv1d>=1.4"],
+        # mamba-ssm's CUDA scan (backend="mamba_ssm"); source-only on PyPI: install with --no-build-isolation so
+        # that it builds against the installed torch. Its selective scan needs no causal-conv1d (ours runs the
+        # convolution).
+        "mamba-ssm": ["mamba-ssm>=2.2"],
         "eval": ["mir_eval>=0.7"],
         "dev": ["pytest>=7", "mir_eval>=0.7"],
     },
