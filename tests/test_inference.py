@@ -364,6 +364,16 @@ def test_separate_command_real_model(dpmamba_folder, tmp_path, capfd):
     assert separate_main(args + ["--overwrite", "--cuda-graphs"]) == 0  # on the CPU: the eager forward
 
 
+def test_separate_command_on_the_cpu_keeps_freed_memory(dpmamba_folder, tmp_path, monkeypatch):
+    """On the CPU the command sets glibc to reuse freed memory (speechbrain_mamba.utils.cpu), once."""
+    calls = []
+    monkeypatch.setattr("speechbrain_mamba.inference.cli.keep_freed_memory", lambda: calls.append(True))
+    sf.write(tmp_path / "mix.wav", 0.1 * np.random.default_rng(0).standard_normal(800), 8000)
+    args = [str(tmp_path / "mix.wav"), "-m", str(dpmamba_folder), "-o", str(tmp_path / "out"), "--device", "cpu"]
+    assert separate_main(args) == 0
+    assert calls == [True]
+
+
 def test_cuda_graph_cache_off_cuda_calls_the_function_and_checks_its_arguments():
     calls = []
     graphed = CUDAGraphCache(lambda x: calls.append(x) or 2 * x)

@@ -15,6 +15,7 @@ from speechbrain_mamba.inference.audio import AudioError, read_mixture, write_so
 from speechbrain_mamba.inference.checkpoints import CheckpointMismatchError
 from speechbrain_mamba.inference.export import export_model
 from speechbrain_mamba.inference.interface import CHUNK_SECONDS, OVERLAP_SECONDS, MambaSeparator
+from speechbrain_mamba.utils.cpu import keep_freed_memory
 
 logger = logging.getLogger("speechbrain_mamba.inference")
 AUDIO_SUFFIXES = {f".{name.lower()}" for name in sf.available_formats()}  # what a folder is searched for
@@ -203,6 +204,9 @@ def separate_main(argv: Optional[Sequence[str]] = None) -> int:
         )
         if args.cuda_graphs:
             separator.use_cuda_graphs()
+        if separator.device_type == "cpu":
+            # This process only separates: let glibc reuse freed tensors instead of page-faulting fresh ones.
+            keep_freed_memory()
         planned = output_paths(args.inputs, args.output_dir, separator.hparams.num_spks)
     except (FileNotFoundError, ValueError, CheckpointMismatchError) as error:
         logger.error(str(error))
