@@ -394,3 +394,55 @@ def test_dual_path_model_refuses_shared_intra_inter_instance():
 def test_mixer_rejects_wrong_feature_size():
     with pytest.raises(ValueError, match=r"expects \[batch, time, 16\]"):
         Mamba(16)(torch.randn(2, 10, 8))
+
+
+def test_stack_gives_the_reference_gradients_in_two_backward_passes_through_a_retained_graph():
+    """The default (torch) scan backend must not spoil the graph for a second backward pass."""
+    torch.manual_seed(0)
+    x = torch.randn(2, 13, 16)
+    grads = {}
+    for backend in ("reference", "torch"):
+        torch.manual_seed(1)
+        stack = MambaStack(16, num_layers=2, scan_backend=backend)
+        inputs = x.clone().requires_grad_()
+        loss = (stack(inputs) * torch.linspace(-1, 1, 16)).sum()
+        grads[backend] = [torch.autograd.grad(loss, [inputs, *stack.parameters()], retain_graph=True)
+                          for _ in range(2)]
+    for passes in zip(grads["torch"], grads["reference"]):
+        for actual, expected in zip(*passes):
+            torch.testing.assert_close(actual, expected, rtol=1e-4, atol=1e-5)
+
+
+def test_stack_step_refuses_states_of_another_depth():
+    stack = MambaStack(16, num_layers=3, bidirectional=False)
+    _, states = MambaStack(16, num_layers=2, bidirectional=False).step(torch.randn(1, 4, 16))
+    for wrong in (states, []):
+        with pytest.raises(ValueError, match=r"states must hold one MambaState per block \(3\); got"):
+            stack.step(torch.randn(1, 4, 16), wrong)
+
+
+@pytest.mark.parametrize("other, batch, message", [
+    ({}, 3, r"state\.conv must be \[batch, d_inner, d_conv - 1\] = \(3, 32, 3\); got \(2, 32, 3\)"),
+    ({"d_conv": 2}, 2, r"state\.conv must be .* = \(2, 32, 3\); got \(2, 32, 1\)"),
+    ({"d_state": 8}, 2, r"state\.ssm must be \[batch, d_inner, d_state\] = \(2, 32, 16\); got \(2, 32, 8\)"),
+    ({"expand": 1}, 2, r"state\.conv must be .* = \(2, 32, 3\); got \(2, 16, 3\)"),
+])
+def test_mixer_step_refuses_a_state_of_another_batch_or_mixer(other, batch, message):
+    _, state = Mamba(16, **other).step(torch.randn(2, 5, 16))
+    with pytest.raises(ValueError, match=message):
+        Mamba(16).step(torch.randn(batch, 5, 16), state)
+
+
+@pytest.mark.parametrize("argument, value", [
+    ("d_model", 0), ("expand", 0), ("expand", 1.5), ("expand", 2.0), ("d_state", 0), ("d_state", -1),
+    ("d_conv", 0), ("d_conv", True), ("dt_rank", 0), ("dt_rank", 2.5),
+])
+def test_mixer_names_a_bad_size(argument, value):
+    kwargs = {"d_model": 16, argument: value}
+    with pytest.raises(ValueError, match=f"{argument} must be a positive int; got {value!r}"):
+        Mamba(**kwargs)
+
+
+def test_mixer_keeps_an_explicit_dt_rank():
+    assert Mamba(16, dt_rank=3).x_proj.weight.shape == (3 + 2 * 16, 32)
+    assert Mamba(40).dt_rank == 3

@@ -122,3 +122,20 @@ def test_inference_softplus_is_softplus_to_an_absolute_1e7():
     expected = torch.nn.functional.softplus(x.double())
     assert torch.equal(x, before)
     torch.testing.assert_close(out.double(), expected, rtol=2e-7, atol=1e-7)
+
+
+@pytest.mark.parametrize("reverse", [False, True])
+@pytest.mark.parametrize("grad", [False, True], ids=["no-grad", "grad"])
+def test_empty_batch_gives_empty_outputs(grad, reverse):
+    """Batch 0 gives empty outputs of the reference's shapes and dtypes, with gradients or without."""
+    inputs = make_inputs(0, 8, 4, 10, groups=2, with_initial=True)
+    if not grad:
+        inputs = detached(inputs)
+    kwargs = dict(delta_softplus=True, return_last_state=True, reverse=reverse, output_scale=0.5,
+                  output_add=torch.zeros(0, 8, 10))
+    with torch.set_grad_enabled(grad):
+        y, last = selective_scan(**inputs, backend="torch", **kwargs)
+        y_ref, last_ref = selective_scan(**inputs, backend="reference", **kwargs)
+    for actual, expected in ((y, y_ref), (last, last_ref)):
+        assert actual.shape == expected.shape and actual.dtype == expected.dtype
+    assert y.shape == (0, 8, 10) and last.shape == (0, 8, 4)

@@ -229,3 +229,37 @@ def test_torch_backend_under_bf16_autocast_matches_reference():
     assert_close(y, y_ref, torch.bfloat16, "output")
     for name in grads:
         assert_close(grads[name], grads_ref[name], torch.bfloat16, f"grad {name}")
+
+
+@pytest.mark.parametrize("reverse", [False, True])
+def test_two_backward_passes_through_a_retained_graph_match_the_reference(reverse):
+    """The backward must leave the tensors it saved intact: a second pass gives the same gradients."""
+    inputs = make_inputs(2, 8, 4, 37, groups=2, with_initial=True)
+    names = [n for n in GRAD_NAMES if inputs[n] is not None]
+    results = {}
+    for backend in ("reference", "torch"):
+        y, last = selective_scan(**inputs, delta_softplus=True, return_last_state=True, reverse=reverse,
+                                 backend=backend)
+        loss = (y * torch.linspace(-1, 1, y.shape[-1])).sum() + last.pow(2).sum()
+        results[backend] = [torch.autograd.grad(loss, [inputs[n] for n in names], retain_graph=True)
+                            for _ in range(2)]
+    for attempt, (grads, ref_grads) in enumerate(zip(results["torch"], results["reference"])):
+        for name, grad, ref_grad in zip(names, grads, ref_grads):
+            assert_close(grad, ref_grad, torch.float32, f"pass {attempt + 1}, grad {name}")
+
+
+@pytest.mark.parametrize(
+    "B_shape, C_shape, message",
+    [
+        ((2, 2, 4, 10), (2, 4, 4, 10), r"same number of groups; got B \(2, 2, 4, 10\) and C \(2, 4, 4, 10\)"),
+        ((2, 4, 10), (2, 2, 4, 10), r"B and C must have the same number of groups"),
+        ((2, 0, 4, 10), (2, 0, 4, 10), r"B must be .*got \(2, 0, 4, 10\)"),
+        ((2, 1, 4, 10), (2, 0, 4, 10), r"C must be .*got \(2, 0, 4, 10\)"),
+    ],
+)
+@pytest.mark.parametrize("backend", ["reference", *CPU_BACKENDS])
+def test_b_and_c_group_counts_must_agree_and_be_positive(backend, B_shape, C_shape, message):
+    inputs = {k: (v.detach() if v is not None else None) for k, v in make_inputs(2, 8, 4, 10).items()}
+    inputs.update(B=torch.randn(B_shape), C=torch.randn(C_shape))
+    with pytest.raises(ValueError, match=message):
+        selective_scan(**inputs, backend=backend)

@@ -8,6 +8,7 @@ on any device: the selective scan picks its backend (see
 """
 
 import math
+import numbers
 from typing import List, NamedTuple, Optional, Tuple, Union
 
 import torch
@@ -75,7 +76,7 @@ class Mamba(nn.Module):
     expand : int
         Inner size is ``expand * d_model``.
     dt_rank : int, optional
-        Rank of the dt projection; default ``ceil(d_model / 16)``.
+        Rank of the dt projection; default (None) ``ceil(d_model / 16)``.
     dt_min, dt_max : float
         Range of the initial step sizes (log-uniform).
     dt_init_floor : float
@@ -114,11 +115,15 @@ class Mamba(nn.Module):
         reverse: bool = False,
     ):
         super().__init__()
+        for name, value in (("d_model", d_model), ("d_state", d_state), ("d_conv", d_conv), ("expand", expand)):
+            _check_positive_int(name, value)
+        if dt_rank is not None:
+            _check_positive_int("dt_rank", dt_rank)
         self.d_model = d_model
         self.d_state = d_state
         self.d_conv = d_conv
         self.d_inner = expand * d_model
-        self.dt_rank = dt_rank or math.ceil(d_model / 16)
+        self.dt_rank = math.ceil(d_model / 16) if dt_rank is None else dt_rank
         self.dt_range = (dt_min, dt_max, dt_init_floor)
         self.conv_bias = conv_bias
         self.scan_backend = scan_backend
@@ -335,6 +340,15 @@ class Mamba(nn.Module):
             y = self._scan(direction, z, suffix, reverse, output_scale=1.0 / len(directions), output_add=y)
         return self.out_proj(y.transpose(1, 2))
 
+    def _check_state(self, state: MambaState, batch: int) -> None:
+        """Refuses a carried state of another batch size or another mixer, which would otherwise fail deep
+        in the convolution or the scan with a message about other tensors."""
+        expected = {"conv": (self.d_conv - 1, "d_conv - 1"), "ssm": (self.d_state, "d_state")}
+        for name, (size, label) in expected.items():
+            shape, got = (batch, self.d_inner, size), tuple(getattr(state, name).shape)
+            if got != shape:
+                raise ValueError(f"state.{name} must be [batch, d_inner, {label}] = {shape}; got {got}.")
+
     def step(
         self, hidden: torch.Tensor, state: Optional[MambaState] = None
     ) -> Tuple[torch.Tensor, MambaState]:
@@ -367,6 +381,8 @@ class Mamba(nn.Module):
         if self.reverse or hasattr(self, "conv1d_b"):
             raise ValueError("Mamba.step streams causal mixers only (not reverse=True, not BiMamba).")
         x, z = self._project_in(hidden)
+        if state is not None:
+            self._check_state(state, hidden.shape[0])
         inputs = self._project(self._convolve(x, "", reverse=False, state=state, streaming=True), "")
         y, state = self._scan(inputs, z, "", reverse=False, state=state, streaming=True)
         return self.out_proj(y.transpose(1, 2)), state
@@ -548,6 +564,12 @@ def _check_bool(name: str, value: object) -> None:
         raise ValueError(f"{name} must be True or False; got {value!r}.")
 
 
+def _check_positive_int(name: str, value: object) -> None:
+    # bool is an int, but True as a size is a mistake.
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
+        raise ValueError(f"{name} must be a positive int; got {value!r}.")
+
+
 def _make_norm(kind: str, d_model: int, eps: float) -> nn.Module:
     if kind == "rmsnorm":
         return RMSNorm(d_model, eps=eps)
@@ -708,7 +730,12 @@ class MambaStack(nn.Module):
         >>> torch.allclose(torch.cat([first, second], 1), stack(x), atol=1e-5)
         True
         """
-        states = states or [None] * len(self.layers)
+        if states is None:
+            states = [None] * len(self.layers)
+        elif len(states) != len(self.layers):
+            raise ValueError(
+                f"states must hold one MambaState per block ({len(self.layers)}); got {len(states)}."
+            )
         residual, new_states = None, []
         for layer, state in zip(self.layers, states):
             hidden, residual, state = layer.step(hidden, residual, state)

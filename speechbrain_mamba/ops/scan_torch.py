@@ -98,7 +98,7 @@ class SelectiveScanFunction(torch.autograd.Function):
     Autograd through the broadcast products would allocate about six
     full-size ``(L, batch, channels, N)`` temporaries in backward; fresh
     large tensors are slow on the CPU (page faults), so the backward here
-    allocates one (the state gradients) and reuses the decays' buffer. The
+    allocates one (the state gradients) and reuses it for the decays' gradients. The
     gradient of a forward scan is a reverse scan whose coefficient at ``t``
     is ``a_{t+1}``, and vice versa.
     """
@@ -154,8 +154,9 @@ class SelectiveScanFunction(torch.autograd.Function):
         if initial is not None and ctx.needs_input_grad[5]:
             grad_initial = grad_drive[first] * decay[first]
 
-        # d loss / d (dt * A) = grad_drive_t * decay_t * h_prev, in the decays' buffer.
-        grad_log_decay = decay.mul_(grad_drive)
+        # d loss / d (dt * A) = grad_drive_t * decay_t * h_prev, in grad_drive's buffer (no longer needed):
+        # the saved decays stay intact for another backward through a retained graph.
+        grad_log_decay = grad_drive.mul_(decay)
         grad_log_decay[step].mul_(states[prev])
         if initial is None:
             grad_log_decay[first].zero_()
@@ -185,9 +186,12 @@ INFERENCE_BLOCK_VALUES = 2**20
 
 
 def _even_part(total: int, most: int) -> int:
-    """Part size that splits ``total`` into the fewest parts of at most ``most`` (at least 1), evenly."""
-    parts = -(-total // max(1, most))
-    return -(-total // parts)
+    """Part size that splits ``total`` into the fewest parts of at most ``most`` (at least 1), evenly.
+
+    At least 1, also for ``total`` 0 (an empty batch), so that the sizes derived from it stay defined.
+    """
+    parts = max(1, -(-total // max(1, most)))
+    return max(1, -(-total // parts))
 
 
 def _softplus_exp2(x: torch.Tensor) -> torch.Tensor:

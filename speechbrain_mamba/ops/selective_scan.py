@@ -94,12 +94,18 @@ def _check_shapes(u, delta, A, B, C, D, z, delta_bias, initial_state, output_add
             tensor.dim() != 4
             or tensor.shape[0] != batch
             or tensor.shape[2:] != (state_size, length)
+            or tensor.shape[1] < 1
             or channels % tensor.shape[1]
         ):
             raise ValueError(
                 f"{name} must be (batch={batch}, N={state_size}, L={length}) or "
                 f"(batch, groups dividing {channels}, N, L); got {tuple(tensor.shape)}."
             )
+    # Every backend reads B's and C's group g for the same channels.
+    if B.shape[1] != C.shape[1]:
+        raise ValueError(
+            f"B and C must have the same number of groups; got B {tuple(B.shape)} and C {tuple(C.shape)}."
+        )
     for name, tensor in (("D", D), ("delta_bias", delta_bias)):
         if tensor is not None and tensor.shape != (channels,):
             raise ValueError(f"{name} must be ({channels},); got {tuple(tensor.shape)}.")
@@ -147,7 +153,8 @@ def selective_scan(
     A : torch.Tensor
         State matrix (diagonal, negative), ``(channels, N)``, real.
     B, C : torch.Tensor
-        Input and output projections, ``(batch, N, L)`` or ``(batch, groups, N, L)``.
+        Input and output projections, ``(batch, N, L)`` or ``(batch, groups, N, L)``, with the same
+        ``groups`` (at least 1, dividing ``channels``) in both.
     D : torch.Tensor, optional
         Skip connection, ``(channels,)``.
     z : torch.Tensor, optional
