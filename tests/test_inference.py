@@ -6,8 +6,11 @@ Mamba-TasNet); training runs are made by saving checkpoints with the run's own C
 
 import copy
 import importlib
+import os
 import re
 import runpy
+import shutil
+import stat
 import sys
 from pathlib import Path
 from typing import Dict, List
@@ -29,7 +32,7 @@ from speechbrain_mamba.inference import (
     separate_in_chunks,
     write_sources,
 )
-from speechbrain_mamba.inference.cli import export_main, separate_main
+from speechbrain_mamba.inference.cli import export_main, output_paths, separate_main
 from speechbrain_mamba.separation.separator import separate_mixture
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -465,3 +468,146 @@ def test_failed_write_leaves_nothing(tmp_path):
     with pytest.raises(OSError):
         write_sources(torch.zeros(800, 2), RATE, paths)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["blocked"]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Permissions, reruns into an output folder inside the input, RAW, tensor layouts, broken checkpoints, usage errors.
+# ----------------------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def umask_027():
+    previous = os.umask(0o027)
+    yield
+    os.umask(previous)
+
+
+def test_outputs_and_exported_folder_have_the_modes_of_new_files(dpmamba_run, tmp_path, umask_027):
+    """Staged through mkstemp/mkdtemp (0600/0700), they still get 0666/0777 less the umask once in place."""
+    write_sources(torch.zeros(800, 2), RATE, [tmp_path / "a_spk1.wav", tmp_path / "a_spk2.wav"])
+    for name in ["a_spk1.wav", "a_spk2.wav"]:
+        assert stat.S_IMODE((tmp_path / name).stat().st_mode) == 0o640
+    folder = export_model(dpmamba_run[0], tmp_path / "exported")
+    assert stat.S_IMODE(folder.stat().st_mode) == 0o750
+    assert {stat.S_IMODE(p.stat().st_mode) for p in folder.iterdir()} == {0o640}
+
+
+def test_rerun_with_output_folder_inside_the_input_folder(dpmamba_folder, tmp_path, monkeypatch, capfd):
+    """The defaults (input ., -o ./separated): a second run skips the first run's outputs instead of nesting."""
+    monkeypatch.chdir(tmp_path)
+    sf.write(tmp_path / "mix.wav", speech_like(np.random.default_rng(3), 0.4, 170.0), RATE)
+    args = [".", "-m", str(dpmamba_folder), "--device", "cpu"]
+    assert separate_main(args) == 0
+    assert separate_main(args) == 0
+    assert "skipped, its outputs exist" in capfd.readouterr().err
+    written = sorted(str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*"))
+    assert written == ["mix.wav", "separated", "separated/mix_spk1.wav", "separated/mix_spk2.wav"]
+    planned = output_paths([tmp_path], tmp_path / "separated", 2)
+    assert list(planned) == [tmp_path / "mix.wav"]
+
+
+def test_an_output_that_is_also_an_input_is_refused(dpmamba_folder, tmp_path, capfd):
+    for name in ["mix.wav", "mix_spk1.wav"]:
+        sf.write(tmp_path / name, speech_like(np.random.default_rng(4), 0.4, 170.0), RATE)
+    with pytest.raises(ValueError, match="mix_spk1.wav is both an input and the output of"):
+        output_paths([tmp_path], tmp_path, 2)
+    assert separate_main([str(tmp_path), "-m", str(dpmamba_folder), "-o", str(tmp_path), "--device", "cpu"]) == 2
+    assert "is both an input and the output of" in capfd.readouterr().err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["mix.wav", "mix_spk1.wav"]
+
+
+def test_raw_files_are_not_searched_for_and_read_errors_name_the_file(dpmamba_folder, tmp_path, capfd):
+    sf.write(tmp_path / "mix.wav", speech_like(np.random.default_rng(5), 0.4, 170.0), RATE)
+    sf.write(tmp_path / "headerless.raw", np.full(RATE, 0.1), RATE, format="RAW", subtype="PCM_16")
+    assert list(output_paths([tmp_path], tmp_path / "out", 2)) == [tmp_path / "mix.wav"]
+    with pytest.raises(AudioError, match=re.escape(f"{tmp_path / 'headerless.raw'}: not audio that libsndfile reads")):
+        read_mixture(tmp_path / "headerless.raw")
+    # Given explicitly, a RAW file fails alone: the next input is still separated.
+    args = [str(tmp_path / "headerless.raw"), str(tmp_path / "mix.wav"), "-m", str(dpmamba_folder),
+            "-o", str(tmp_path / "out"), "--device", "cpu"]
+    assert separate_main(args) == 1
+    assert "Separated 1 of 2 inputs (0 skipped, 1 failed)" in capfd.readouterr().err
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["mix_spk1.wav", "mix_spk2.wav"]
+
+
+def test_separate_signal_takes_one_channel_in_any_layout_and_chunks_it(monkeypatch):
+    """[1, T] (torchaudio.load) and [T, 1] are chunked like [T] and give the same output; several channels are
+    refused with the expected shape."""
+    from speechbrain_mamba.lobes import SepMamba
+
+    torch.manual_seed(0)
+    separator = MambaSeparator(modules={"model": SepMamba(dim=4, num_layers=1)},
+                               hparams={"num_spks": 2, "sample_rate": RATE}, run_opts={"device": "cpu"})
+    mixture = 0.3 * torch.randn(2 * RATE)
+    lengths: List[int] = []
+    separate_batch = separator.separate_batch
+    monkeypatch.setattr(separator, "separate_batch", lambda mix: lengths.append(mix.shape[-1]) or separate_batch(mix))
+    expected = separator.separate_signal(mixture, RATE, chunk_seconds=0.5, overlap_seconds=0.1)
+    assert expected.shape == (2 * RATE, 2) and max(lengths) == RATE // 2
+    for layout in [mixture[None], mixture[:, None]]:
+        lengths.clear()
+        torch.testing.assert_close(separator.separate_signal(layout, RATE, 0.5, 0.1), expected, rtol=0, atol=0)
+        assert max(lengths) == RATE // 2
+    for shape in [(2, 2 * RATE), (2 * RATE, 2), (1, 1, 2 * RATE)]:
+        with pytest.raises(AudioError, match=r"one channel of shape \[time\] was expected"):
+            separator.separate_signal(torch.randn(shape), RATE)
+
+
+@pytest.mark.parametrize("content", [b"", b"garbage, not a pickle", None], ids=["empty", "garbage", "truncated"])
+def test_unreadable_checkpoint_names_the_file(content, dpmamba_folder, tmp_path, capfd):
+    folder = tmp_path / "model"
+    shutil.copytree(dpmamba_folder, folder)
+    checkpoint = folder / "masknet.ckpt"
+    data = checkpoint.read_bytes()
+    checkpoint.write_bytes(data[: len(data) // 2] if content is None else content)
+    with pytest.raises(CheckpointMismatchError, match=re.escape(f"{checkpoint}: not a readable PyTorch state dict")):
+        load_module_checkpoints({"masknet": torch.nn.Linear(1, 1)}, folder)
+    sf.write(tmp_path / "mix.wav", speech_like(np.random.default_rng(6), 0.4, 170.0), RATE)
+    args = [str(tmp_path / "mix.wav"), "-m", str(folder), "-o", str(tmp_path / "out"), "--device", "cpu",
+            "--savedir", str(tmp_path / "fetched")]
+    assert separate_main(args) == 2
+    assert "masknet.ckpt: not a readable PyTorch state dict" in capfd.readouterr().err
+    torch.save([1, 2], checkpoint)  # readable, but not a state dict
+    with pytest.raises(CheckpointMismatchError, match="holds a list, not a mapping"):
+        load_module_checkpoints({"masknet": torch.nn.Linear(1, 1)}, folder)
+
+
+def test_separate_command_more_usage_errors(dpmamba_folder, tmp_path, capfd, monkeypatch):
+    """One line on stderr and exit 2, before any model is loaded or anything written."""
+    sf.write(tmp_path / "mix.wav", speech_like(np.random.default_rng(7), 0.4, 170.0), RATE)
+    (tmp_path / "notadir").write_text("a file")
+    base = [str(tmp_path / "mix.wav"), "-m", str(dpmamba_folder)]
+    loads = []
+    monkeypatch.setattr(MambaSeparator, "from_hparams", lambda *a, **k: loads.append(True))
+    assert separate_main(base + ["-o", str(tmp_path / "notadir")]) == 2
+    assert f"{tmp_path / 'notadir'} is a file; an output folder was expected" in capfd.readouterr().err
+    assert separate_main(base + ["-o", str(tmp_path / "out"), "--device", "gpu"]) == 2
+    assert "--device gpu: not a device" in capfd.readouterr().err
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert separate_main(base + ["-o", str(tmp_path / "out"), "--device", "cuda"]) == 2
+    assert "--device cuda: CUDA is not available" in capfd.readouterr().err
+    assert loads == [] and sorted(p.name for p in tmp_path.iterdir()) == ["mix.wav", "notadir"]
+    monkeypatch.undo()
+
+    broken = tmp_path / "broken_model"
+    shutil.copytree(dpmamba_folder, broken)
+    (broken / "hyperparams.yaml").write_text("num_spks: 2\nmodules: {model: [unclosed\n")
+    assert separate_main(base[:1] + ["-m", str(broken), "-o", str(tmp_path / "out"), "--device", "cpu",
+                                     "--savedir", str(tmp_path / "fetched")]) == 2
+    err = capfd.readouterr().err
+    assert f"{broken}: its hyperparams.yaml is not valid YAML" in err and "Traceback" not in err
+
+
+def test_a_failed_write_counts_as_a_failed_input(dpmamba_folder, tmp_path, capfd):
+    for name in ["a.wav", "b.wav"]:
+        sf.write(tmp_path / name, speech_like(np.random.default_rng(8), 0.4, 170.0), RATE)
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "a_spk1.wav").mkdir()  # a folder where a's first output goes: os.replace fails
+    args = [str(tmp_path / "a.wav"), str(tmp_path / "b.wav"), "-m", str(dpmamba_folder), "-o", str(out),
+            "--device", "cpu", "--overwrite"]
+    assert separate_main(args) == 1
+    err = capfd.readouterr().err
+    assert f"{tmp_path / 'a.wav'}: " in err and "Separated 1 of 2 inputs (0 skipped, 1 failed)" in err
+    assert sorted(p.name for p in out.iterdir()) == ["a_spk1.wav", "b_spk1.wav", "b_spk2.wav"]
+    assert no_partial_files(out)

@@ -19,6 +19,35 @@ class AudioError(ValueError):
     """An input that cannot be separated; the message names the file and what was expected."""
 
 
+def umasked(mode: int) -> int:
+    """``mode`` less the process's umask: the mode ``open`` or ``mkdir`` would give a new file or folder.
+
+    ``tempfile.mkstemp``/``mkdtemp`` make owner-only files and folders; what they
+    stage is given this mode before it is renamed into place, so that outputs are
+    as readable as any other file the process writes.
+
+    Arguments
+    ---------
+    mode : int
+        ``0o666`` for a file, ``0o777`` for a folder.
+
+    Returns
+    -------
+    int
+        The mode with the umask's bits cleared.
+
+    Example
+    -------
+    >>> previous = os.umask(0o027)
+    >>> oct(umasked(0o666)), oct(umasked(0o777))
+    ('0o640', '0o750')
+    >>> _ = os.umask(previous)
+    """
+    umask = os.umask(0)  # the only way to read it: set it and put it back at once
+    os.umask(umask)
+    return mode & ~umask
+
+
 def check_mixture(mixture: torch.Tensor, sample_rate: int, name: str = "mixture") -> None:
     """Refuses what cannot be separated: non-finite samples, too short, silent.
 
@@ -97,9 +126,10 @@ def read_mixture(path: PathLike) -> Tuple[torch.Tensor, int]:
         raise FileNotFoundError(f"{path}: no such file")
     try:
         data, rate = sf.read(path, dtype="float32", always_2d=True)
-    except sf.LibsndfileError as error:
+    except (sf.LibsndfileError, TypeError, RuntimeError) as error:
+        # TypeError: a headerless format (RAW) that needs its sample rate and layout given.
         raise AudioError(
-            f"{path}: not audio that libsndfile reads ({error.error_string}); "
+            f"{path}: not audio that libsndfile reads ({getattr(error, 'error_string', error)}); "
             "expected WAV, FLAC, OGG, MP3 or another of its formats (soundfile.available_formats())"
         ) from None
     mixture = torch.from_numpy(data)
@@ -115,6 +145,7 @@ def write_sources(sources: torch.Tensor, sample_rate: int, paths: Sequence[PathL
 
     Each file is written to a temporary name in its folder and renamed only
     once every file is written; on any error the temporary files are removed.
+    The files get the usual mode of new files (``0o666`` less the umask).
 
     Arguments
     ---------
@@ -142,6 +173,7 @@ def write_sources(sources: torch.Tensor, sample_rate: int, paths: Sequence[PathL
             os.close(handle)
             staged.append(Path(temporary))
             sf.write(temporary, sources[:, i].float().cpu().numpy(), sample_rate, format="WAV", subtype="FLOAT")
+            os.chmod(temporary, umasked(0o666))  # mkstemp's 0600 would hide the outputs from other users
         for temporary, path in zip(staged, paths):
             os.replace(temporary, path)
     except BaseException:

@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Dict, Mapping, Optional, Union
 
 import torch
-from speechbrain.utils.checkpoints import torch_patched_state_dict_load
+from speechbrain.utils.checkpoints import hook_on_loading_state_dict_checkpoint
 
 from speechbrain_mamba.lobes import MambaTasNetMaskNet
 
@@ -106,8 +106,9 @@ def load_checkpoint_strict(module: torch.nn.Module, path: PathLike) -> None:
     FileNotFoundError
         If there is no file at ``path``.
     CheckpointMismatchError
-        If keys are missing, unexpected or of another shape; the message names
-        the file, the module and the keys.
+        If the file is not a state dict ``torch.load`` reads, or keys are
+        missing, unexpected or of another shape; the message names the file
+        (and the module and the keys).
 
     Example
     -------
@@ -122,7 +123,18 @@ def load_checkpoint_strict(module: torch.nn.Module, path: PathLike) -> None:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no such checkpoint file")
-    state_dict = torch_patched_state_dict_load(path, "cpu")
+    try:
+        state_dict = torch.load(path, map_location="cpu")
+    except Exception as error:  # truncated or garbage files raise anything from OSError to UnpicklingError
+        # The first sentence says what failed; the rest of torch's weights_only message is advice for trusted pickles.
+        first = str(error).strip().split(". ")[0].split("\n")[0]
+        detail = f"{type(error).__name__}: {first}" if first else type(error).__name__
+        raise CheckpointMismatchError(f"{path}: not a readable PyTorch state dict ({detail})") from error
+    if not isinstance(state_dict, Mapping):
+        raise CheckpointMismatchError(
+            f"{path}: not a readable PyTorch state dict (it holds a {type(state_dict).__name__}, not a mapping)"
+        )
+    state_dict = hook_on_loading_state_dict_checkpoint(state_dict)  # SpeechBrain's key renames, as it loads
     if isinstance(module, MambaTasNetMaskNet) and any(key.startswith("mamba_net.") for key in state_dict):
         state_dict = mamba_tasnet_masknet_state_dict(state_dict)
     expected = module.state_dict()

@@ -7,7 +7,9 @@ from pathlib import Path
 from typing import Dict, List, Optional, Sequence
 
 import soundfile as sf
+import torch
 import torchaudio
+from ruamel.yaml.error import YAMLError
 from tqdm import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
@@ -18,7 +20,8 @@ from speechbrain_mamba.inference.interface import CHUNK_SECONDS, OVERLAP_SECONDS
 from speechbrain_mamba.utils.cpu import keep_freed_memory
 
 logger = logging.getLogger("speechbrain_mamba.inference")
-AUDIO_SUFFIXES = {f".{name.lower()}" for name in sf.available_formats()}  # what a folder is searched for
+# What a folder is searched for: the formats libsndfile reads, less headerless RAW (which needs its rate given).
+AUDIO_SUFFIXES = {f".{name.lower()}" for name in sf.available_formats()} - {".raw"}
 
 
 def output_paths(inputs: Sequence[Path], output_dir: Path, num_spks: int) -> Dict[Path, List[Path]]:
@@ -26,7 +29,9 @@ def output_paths(inputs: Sequence[Path], output_dir: Path, num_spks: int) -> Dic
 
     A file is separated into ``<output_dir>/<stem>_spk1.wav, ...``; a folder is
     searched recursively for audio files (by extension, the formats libsndfile
-    reads) and its subfolders are kept under ``output_dir``.
+    reads but headerless RAW) and its subfolders are kept under ``output_dir``.
+    When ``output_dir`` is inside a folder, it is left out of that folder's
+    search, so that earlier outputs are not separated again.
 
     Arguments
     ---------
@@ -47,7 +52,7 @@ def output_paths(inputs: Sequence[Path], output_dir: Path, num_spks: int) -> Dic
     FileNotFoundError
         For a missing input, or a folder without audio files.
     ValueError
-        If two inputs would be written to the same outputs.
+        If two inputs would be written to the same outputs, or an output is also an input.
 
     Example
     -------
@@ -60,9 +65,16 @@ def output_paths(inputs: Sequence[Path], output_dir: Path, num_spks: int) -> Dic
     """
     planned: Dict[Path, List[Path]] = {}
     written_by: Dict[Path, Path] = {}
+    resolved_output_dir = output_dir.resolve()
     for item in inputs:
         if item.is_dir():
-            files = sorted(p for p in item.rglob("*") if p.is_file() and p.suffix.lower() in AUDIO_SUFFIXES)
+            # Earlier outputs in a subfolder of the input; outputs written beside their inputs are refused below.
+            inside = item.resolve() in resolved_output_dir.parents
+            files = sorted(
+                p for p in item.rglob("*")
+                if p.is_file() and p.suffix.lower() in AUDIO_SUFFIXES
+                and not (inside and resolved_output_dir in p.resolve().parents)
+            )
             if not files:
                 raise FileNotFoundError(f"{item}: no audio files in this folder ({', '.join(sorted(AUDIO_SUFFIXES))})")
             pairs = [(path, output_dir / path.relative_to(item).parent) for path in files]
@@ -76,6 +88,13 @@ def output_paths(inputs: Sequence[Path], output_dir: Path, num_spks: int) -> Dic
                 raise ValueError(f"{written_by[outputs[0]]} and {path} would both be written to {outputs[0]}")
             written_by[outputs[0]] = path
             planned[path] = outputs
+    inputs_resolved = {path.resolve(): path for path in planned}
+    for path, outputs in planned.items():
+        for output in outputs:
+            if output.resolve() in inputs_resolved:
+                raise ValueError(
+                    f"{output} is both an input and the output of {path}; choose another output folder (-o)"
+                )
     return planned
 
 
@@ -93,7 +112,8 @@ def separate_files(
     the input (the model's band limit stays: nothing above half its rate).
     An input whose outputs exist is skipped unless ``overwrite``. An input
     that cannot be read or separated (:class:`AudioError`) is reported and
-    counted, and the others go on; its outputs are not written.
+    counted, and the others go on; its outputs are not written. So is an
+    input whose outputs cannot be written (``OSError``).
 
     Arguments
     ---------
@@ -134,12 +154,11 @@ def separate_files(
             try:
                 mixture, rate = read_mixture(path)
                 sources = separator.separate_signal(mixture, rate, chunk_seconds, overlap_seconds)
-            except (AudioError, FileNotFoundError) as error:
-                logger.error(str(error))
+                sources = torchaudio.functional.resample(sources.T, separator.hparams.sample_rate, rate).T
+                write_sources(sources[: len(mixture)], rate, outputs)
+            except (AudioError, OSError) as error:  # OSError: FileNotFoundError, or outputs that cannot be written
+                logger.error(f"{path}: {error}" if not str(error).startswith(str(path)) else str(error))
                 failures += 1
-                continue
-            sources = torchaudio.functional.resample(sources.T, separator.hparams.sample_rate, rate).T
-            write_sources(sources[: len(mixture)], rate, outputs)
     done = len(planned) - skipped - failures
     (logger.error if failures else logger.info)(
         f"Separated {done} of {len(planned)} inputs ({skipped} skipped, {failures} failed)"
@@ -159,7 +178,8 @@ def separate_main(argv: Optional[Sequence[str]] = None) -> int:
     -------
     int
         The exit status: 0, 1 if some inputs failed (the others are written),
-        2 for a usage error (missing input or model, nothing written).
+        2 for a usage error (missing input or model, unreadable model, output folder that is a file, unknown or
+        unavailable device; nothing written).
 
     Example
     -------
@@ -198,6 +218,9 @@ def separate_main(argv: Optional[Sequence[str]] = None) -> int:
         parser.error("--overlap-seconds must be above 0 and at most half of --chunk-seconds")
     _log_to_stderr()
     try:
+        if args.output_dir.exists() and not args.output_dir.is_dir():
+            raise ValueError(f"{args.output_dir} is a file; an output folder was expected (-o)")
+        _check_device(args.device)
         _check_model_source(args.model)
         separator = MambaSeparator.from_hparams(
             source=args.model, savedir=args.savedir, run_opts={"device": args.device, "precision": args.precision}
@@ -210,6 +233,9 @@ def separate_main(argv: Optional[Sequence[str]] = None) -> int:
         planned = output_paths(args.inputs, args.output_dir, separator.hparams.num_spks)
     except (FileNotFoundError, ValueError, CheckpointMismatchError) as error:
         logger.error(str(error))
+        return 2
+    except YAMLError as error:
+        logger.error(f"{args.model}: its hyperparams.yaml is not valid YAML: {' '.join(str(error).split())}")
         return 2
     failures = separate_files(separator, planned, args.overwrite, args.chunk_seconds, args.overlap_seconds)
     return 1 if failures else 0
@@ -256,6 +282,20 @@ def export_main(argv: Optional[Sequence[str]] = None) -> int:
         return 2
     logger.info(f"Wrote {folder}")
     return 0
+
+
+def _check_device(device: Optional[str]) -> None:
+    """A clear error for a device torch does not know or this machine does not have, before the model is loaded."""
+    if device is None:
+        return
+    try:
+        parsed = torch.device(device)
+    except RuntimeError:
+        raise ValueError(f"--device {device}: not a device; cpu, cuda, cuda:1, ... was expected") from None
+    if parsed.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {device}: CUDA is not available on this machine; use --device cpu")
+    if parsed.type == "cuda" and parsed.index is not None and parsed.index >= torch.cuda.device_count():
+        raise ValueError(f"--device {device}: this machine has {torch.cuda.device_count()} CUDA device(s)")
 
 
 def _check_model_source(model: str) -> None:

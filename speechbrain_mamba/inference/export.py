@@ -13,6 +13,7 @@ from ruamel.yaml import YAML
 from ruamel.yaml.comments import CommentedMap
 from speechbrain.utils.checkpoints import Checkpointer
 
+from speechbrain_mamba.inference.audio import umasked
 from speechbrain_mamba.inference.checkpoints import load_module_checkpoints
 
 PathLike = Union[str, os.PathLike]
@@ -86,7 +87,8 @@ def export_model(
     ``speechbrain-mamba-separate`` command. The model definition is the
     ``modules`` entry of the hparams, with every object it refers to; the
     weights are loaded strictly (:func:`load_module_checkpoints`) before
-    anything is written, and the folder appears only once complete.
+    anything is written, and the folder appears only once complete, with the
+    usual modes of new folders and files (``0o777``/``0o666`` less the umask).
 
     Arguments
     ---------
@@ -153,6 +155,7 @@ def export_model(
         (staging / "hyperparams.yaml").write_text(text)
         for name, module in hparams["modules"].items():
             torch.save(module.state_dict(), staging / f"{name}.ckpt")
+        os.chmod(staging, umasked(0o777))  # mkdtemp's 0700 would hide the model from other users
         if output.exists():
             shutil.rmtree(output)
         os.replace(staging, output)

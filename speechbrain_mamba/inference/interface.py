@@ -7,7 +7,7 @@ import torch
 import torchaudio
 from speechbrain.inference.interfaces import Pretrained
 
-from speechbrain_mamba.inference.audio import check_mixture, read_mixture
+from speechbrain_mamba.inference.audio import AudioError, check_mixture, read_mixture
 from speechbrain_mamba.inference.chunking import separate_in_chunks
 from speechbrain_mamba.utils.cuda_graphs import CUDAGraphCache
 from speechbrain_mamba.separation.separator import separate_mixture
@@ -106,7 +106,12 @@ class MambaSeparator(Pretrained):
         Arguments
         ---------
         mixture : torch.Tensor
-            [time] mono waveform.
+            [time] mono waveform; a single channel as [1, time] (what
+            ``torchaudio.load`` returns) or [time, 1] is taken as [time]. Several
+            channels are refused, as a tensor does not tell [channels, time]
+            from [time, channels]: downmix them first, e.g. ``waveform.mean(dim=0)``
+            for torchaudio's layout (:meth:`separate_file` downmixes files, as
+            :func:`~speechbrain_mamba.inference.read_mixture` does).
         sample_rate : int
             Its sampling rate in Hz.
         chunk_seconds : float
@@ -120,7 +125,20 @@ class MambaSeparator(Pretrained):
         torch.Tensor
             [time, num_spks] float32 estimates on the CPU, at the model's
             sampling rate (``self.hparams.sample_rate``).
+
+        Raises
+        ------
+        AudioError
+            For a tensor that is not one channel, or that
+            :func:`~speechbrain_mamba.inference.check_mixture` refuses.
         """
+        if mixture.dim() == 2 and 1 in mixture.shape:
+            mixture = mixture.reshape(-1)
+        if mixture.dim() != 1:
+            raise AudioError(
+                f"mixture of shape {list(mixture.shape)}: one channel of shape [time] was expected (or [1, time]); "
+                "downmix several channels first, e.g. waveform.mean(dim=0) for [channels, time]"
+            )
         check_mixture(mixture, sample_rate)
         model_rate = self.hparams.sample_rate
         mixture = torchaudio.functional.resample(mixture.float().cpu(), sample_rate, model_rate)
