@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import soundfile as sf
 
-from speechbrain_mamba.separation.demo import DEMO_SPEECH_DIR, build_demo_dataset, demo_speakers
+from speechbrain_mamba.separation.demo import DEMO_SPEECH_DIR, MIX_PEAK, _mix, build_demo_dataset, demo_speakers
 
 COUNTS = (8, 4, 4)
 LSB = 1 / 32768
@@ -85,7 +85,7 @@ def test_layout(built, layout, num_spks):
             mix = _read(min_root / split / mix_folder / file_name)
             assert 1.5 <= len(mix) / 8000 <= 4.0
             assert np.abs(mix - np.sum(srcs, axis=0)).max() <= num_spks * LSB
-            peak = np.abs(mix).max()
+            peak = max(np.abs(signal).max() for signal in [mix, *srcs])  # of everything written
             if layout != "librimix":  # the gains in the name are the source levels
                 gains = [float(g) for g in file_name[:-4].split("_")[1::2]]
                 levels = [10 * np.log10(np.mean(s**2)) for s in srcs]
@@ -96,8 +96,8 @@ def test_layout(built, layout, num_spks):
                 assert np.abs(both - (mix + noise)).max() <= LSB
                 snr = 10 * np.log10(np.sum(mix**2) / np.sum(noise**2))
                 assert -0.05 <= snr <= 6.05
-                peak = max(peak, np.abs(both).max())
-            assert abs(peak - 0.9) <= (num_spks + 1) * LSB  # scaled to 0.9, nothing clips
+                peak = max(peak, np.abs(both).max(), np.abs(noise).max())
+            assert abs(peak - 0.9) <= (num_spks + 1) * LSB  # scaled to 0.9, nothing clips or wraps
     assert not used[splits[0]] & (used[splits[1]] | used[splits[2]])
     assert not used[splits[1]] & used[splits[2]]
 
@@ -150,3 +150,27 @@ def test_bad_arguments(tmp_path):
     (tmp_path / "wsj0-mix" / "2speakers" / "wav8k" / "min" / "tr").mkdir(parents=True)
     with pytest.raises(FileExistsError):  # a folder it did not make is never overwritten
         build_demo_dataset(tmp_path)
+
+
+def test_cancelling_sources_are_scaled_without_wrapping():
+    # Two nearly opposite sources: their sum is far quieter than either, so scaling to the mixture's peak
+    # would push the sources past the int16 range (astype(np.int16) wraps).
+    x = np.sin(np.linspace(0, 200, 4000)) * (1 + np.linspace(0, 1, 4000))
+    for with_noise in (False, True):
+        sources, noise = _mix([x, -x], np.array([0.0, -0.5]), np.random.default_rng(0), with_noise)
+        exact = [x / np.sqrt(np.mean(x**2)), -x / np.sqrt(np.mean(x**2)) * 10 ** (-0.5 / 20)]
+        factor = float(sources[0].astype(np.float64) @ exact[0] / (exact[0] @ exact[0]))
+        assert factor > 0
+        for written, signal in zip(sources, exact):  # the float signal scaled and rounded; a wrap is 65536 off
+            assert np.abs(written - signal * factor).max() <= 1  # (factor is estimated: 1, not 0.5)
+        loudest = max(np.abs(s.astype(np.int64)).max() for s in [*sources, sum(s.astype(np.int64) for s in sources)])
+        assert loudest <= round(MIX_PEAK * 32768)
+
+
+def test_no_written_file_exceeds_the_peak(built):
+    # A wrapped sample lands near the other end of the int16 range, far beyond MIX_PEAK.
+    root, _ = built
+    peaks = {path: np.abs(sf.read(str(path), dtype="int16")[0].astype(np.int64)).max()
+             for path in root.rglob("*.wav")}
+    assert len(peaks) > 100
+    assert {path: peak for path, peak in peaks.items() if peak > round(MIX_PEAK * 32768) + 1} == {}

@@ -25,8 +25,13 @@ import torch
 import torch.nn.functional as F
 from speechbrain.core import INTRA_EPOCH_CKPT_FLAG
 from speechbrain.dataio.batch import PaddedBatch
+from speechbrain.nnet.schedulers import ReduceLROnPlateau
+from speechbrain.utils.checkpoints import Checkpointer
+from speechbrain.utils.epoch_loop import EpochCounter
+from speechbrain.utils.train_logger import FileTrainLogger
 
 from speechbrain_mamba.separation.brain import Separation
+from speechbrain_mamba.separation.metrics import separation_scores
 from speechbrain_mamba.separation.schedulers import WarmupCosineScheduler
 from speechbrain_mamba.utils.cuda_graphs import TrainingCUDAGraphs
 
@@ -319,6 +324,120 @@ def test_cuda_graphs_need_a_cuda_device_and_no_accumulation_and_leave_cpu_traini
 
 
 # ----------------------------------------------------------------------------------------------------------------
+# Validation of a diverged model; training crops (unit tests with the fake model)
+# ----------------------------------------------------------------------------------------------------------------
+
+
+class DivergingSeparation(Separation):
+    """Outputs NaN in validation from epoch 2 on, as a model that diverged during epoch 2 would."""
+
+    def compute_forward(self, mixture: torch.Tensor) -> torch.Tensor:
+        estimates = super().compute_forward(mixture)
+        if not self.modules.training and self.hparams.epoch_counter.current >= 2:
+            return estimates * float("nan")
+        return estimates
+
+
+def test_nonfinite_validation_never_becomes_the_best_checkpoint(tmp_path):
+    model, counter = FakeSeparator(), EpochCounter(2)
+    checkpointer = Checkpointer(tmp_path / "save", {"model": model, "counter": counter})
+    plateau = ReduceLROnPlateau(factor=0.5, patience=0, dont_halve_until_epoch=0)
+    hparams = {"num_spks": 2, "epoch_counter": counter, "lr_epoch_scheduler": plateau,
+               "train_logger": FileTrainLogger(tmp_path / "train_log.txt")}
+    brain = DivergingSeparation({"model": model}, lambda params: torch.optim.Adam(params, lr=1e-3), hparams,
+                                run_opts={"device": "cpu", "noprogressbar": True}, checkpointer=checkpointer)
+    loader = {"batch_size": 2, "collate_fn": PaddedBatch}
+    brain.fit(counter, make_items(4), make_items(2, seed=1), train_loader_kwargs=loader, valid_loader_kwargs=loader)
+
+    best = checkpointer.find_checkpoint(min_key="si-snr")
+    assert (best.path / "counter.ckpt").read_text().strip() == "1" and math.isfinite(best.meta["si-snr"])
+    assert brain.optimizer.param_groups[0]["lr"] == pytest.approx(5e-4)  # the plateau scheduler saw no improvement
+    epochs = logged_epochs(tmp_path / "train_log.txt")
+    assert [e["epoch"] for e in epochs] == [1, 2]
+    assert epochs[0]["valid si-snr"] == pytest.approx(best.meta["si-snr"], rel=1e-2)
+    assert epochs[0]["valid nonfinite_items"] == 0
+    assert epochs[1]["valid si-snr"] == math.inf and epochs[1]["valid nonfinite_items"] == 2
+
+
+def test_training_crops_stay_inside_each_item_and_are_reproducible():
+    window, lengths = 100, [400, 160, 60]
+    items = make_items(3, length=400)
+    for item, length in zip(items, lengths):
+        item["mixture"], item["sources"] = item["mixture"][:length], item["sources"][:length]
+    batch = PaddedBatch(items)  # padded to 400
+    counter = EpochCounter(5)
+    counter.current = 2
+    brain = make_brain(FakeSeparator(), training_signal_len=window, seed=7, epoch_counter=counter)
+
+    def crops(brain: Separation, steps) -> Dict[int, List[int]]:
+        """step -> the start of each item's window, found in the item itself."""
+        starts = {}
+        for step in steps:
+            brain.step = step
+            mixture, sources = brain._mixture_and_sources(batch, sb.Stage.TRAIN)
+            assert mixture.shape == (3, window) and sources.shape == (3, window, 2)
+            starts[step] = []
+            for i, item in enumerate(items):
+                if len(item["mixture"]) < window:  # shorter than the window: all of it, then padding
+                    assert torch.equal(mixture[i, : len(item["mixture"])], item["mixture"])
+                    assert torch.equal(sources[i, : len(item["mixture"])], item["sources"])
+                    starts[step].append(0)
+                    continue
+                windows = item["mixture"].unfold(0, window, 1)  # every window inside the item
+                (start,) = (windows == mixture[i]).all(-1).nonzero()[:, 0].tolist()
+                assert torch.equal(sources[i], item["sources"][start : start + window])
+                starts[step].append(start)
+        return starts
+
+    first = crops(brain, range(1, 31))
+    assert len({tuple(starts) for starts in first.values()}) > 20  # random windows
+    torch.manual_seed(0)  # the global RNG plays no part: a resumed run crops the same windows
+    again = crops(make_brain(FakeSeparator(), training_signal_len=window, seed=7, epoch_counter=counter), [3, 17])
+    assert again == {3: first[3], 17: first[17]}
+    counter.current = 3
+    assert crops(brain, range(1, 31)) != first  # another epoch, other windows
+
+
+class ScriptedSeparation(Separation):
+    """Returns the estimates queued in ``outputs``, one batch at a time."""
+
+    outputs: List[torch.Tensor] = []
+
+    def compute_forward(self, mixture: torch.Tensor) -> torch.Tensor:
+        return self.outputs.pop(0)
+
+
+def test_unscorable_test_utterances_get_nan_and_stay_out_of_the_average(tmp_path, caplog):
+    items = make_items(3, length=4000, seed=2)
+    items[1]["sources"][:, 1] = 0  # a silent reference source: BSS-eval's matrix is singular
+    items[1]["mixture"] = items[1]["sources"].sum(-1)
+    noise = 0.1 * torch.randn(4000, 2, generator=torch.Generator().manual_seed(3))
+    silent_estimate = items[2]["sources"].clone()
+    silent_estimate[:, 1] = 0  # SDR -inf
+    hparams = {"num_spks": 2, "output_folder": str(tmp_path), "epoch_counter": EpochCounter(1),
+               "train_logger": FileTrainLogger(tmp_path / "train_log.txt")}
+    brain = ScriptedSeparation({"model": FakeSeparator()}, None, hparams, run_opts={"device": "cpu"})
+    brain.outputs = [(items[0]["sources"] + noise)[None], noise[None], silent_estimate[None]]
+    brain.on_stage_start(sb.Stage.TEST)
+    for item in items:
+        brain.evaluate_batch(PaddedBatch([item]), sb.Stage.TEST)
+    brain.on_stage_end(sb.Stage.TEST, 0.0)
+
+    results = read_test_results(tmp_path / "test_results.csv")
+    assert list(results) == ["utt0", "utt1", "utt2", "avg"]
+    assert all(math.isnan(value) for value in results["utt1"])
+    assert results["utt2"][0] == -math.inf and math.isfinite(results["utt2"][2])
+    finite = [separation_scores(item["mixture"], item["sources"], estimate)
+              for item, estimate in ((items[0], items[0]["sources"] + noise), (items[2], silent_estimate))]
+    expected_avg = [finite[0]["sdr"], finite[0]["sdr_i"], (finite[0]["si-snr"] + finite[1]["si-snr"]) / 2,
+                    (finite[0]["si-snr_i"] + finite[1]["si-snr_i"]) / 2]
+    assert results["avg"] == pytest.approx(expected_avg, abs=1e-4)
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert any(message.startswith("utt1: no scores (LinAlgError") for message in warnings), warnings
+    assert any("sdr 2, sdr_i 2, si-snr 1, si-snr_i 1" in message for message in warnings), warnings
+
+
+# ----------------------------------------------------------------------------------------------------------------
 # Resuming: a run killed in the middle of an epoch continues from its last checkpoint, as if never stopped
 # ----------------------------------------------------------------------------------------------------------------
 
@@ -451,7 +570,8 @@ def test_bf16_training_through_the_recipe_evaluates_in_bf16(corpus, tmp_path):
     ],
 )
 def test_evaluation_precision_follows_training_precision(corpus, tmp_path, flags, expected):
-    result = run_recipe(recipe_command(tmp_path / "out", corpus, "--test_only", *flags), tmp_path)
+    debug = ["--debug", "--debug_epochs", "1", "--debug_batches", "1"]  # --test_only needs a checkpoint
+    result = run_recipe(recipe_command(tmp_path / "out", corpus, *debug, *flags), tmp_path)
     assert result.returncode == 0, result.stdout[-3000:]
     assert precisions(result.stdout) == expected
     assert (tmp_path / "out" / "test_results.csv").is_file()
@@ -561,12 +681,56 @@ def test_bad_input_on_the_command_line_gives_a_message_not_a_traceback(corpus, t
     assert len(error.splitlines()) <= 4  # the error line and the DataError's list of problems
 
 
+def test_unworkable_recipe_arguments_stop_with_a_clear_error(corpus, tmp_path):
+    # Three-speaker mixtures (a copy of the two-speaker ones with s2 again as s3), two speakers to mix.
+    three_spk = Path(shutil.copytree(corpus["data_folder"] / "2speakers", tmp_path / "wsj0-mix" / "3speakers"))
+    for split in ("tr", "cv", "tt"):
+        shutil.copytree(three_spk / "wav8k" / "min" / split / "s2", three_spk / "wav8k" / "min" / split / "s3")
+    two_speakers = tmp_path / "two_speakers"
+    for spk in ("s00", "s01"):
+        shutil.copytree(corpus["dm_folder"] / spk, two_speakers / spk)
+    data = ["--data_folder", str(corpus["data_folder"])]
+    both = [*data, "--dm_folder", str(corpus["dm_folder"])]
+    cases = {  # name -> (extra arguments, phrase the error must contain, exception)
+        "test without a checkpoint": ([*both, "--test_only"], "no checkpoint to test", "RecipeError"),
+        "unknown dataset": ([*both, "--dataset", "wsj0-2mix"], "unknown dataset 'wsj0-2mix'", "RecipeError"),
+        "WHAM! with 3 speakers": ([*both, "--dataset", "wham", "--num_spks", "3"], "num_spks=3", "RecipeError"),
+        "dynamic mixing without dm_folder": (data, "needs dm_folder", "RecipeError"),
+        "dynamic mixing with too few speakers": (
+            ["--data_folder", str(tmp_path / "wsj0-mix"), "--num_spks", "3", "--dm_folder", str(two_speakers)],
+            "at least num_spks=3 speakers; found 2 (s00, s01)", "DataError"),
+        # A trained experiment still tests, --test_only included.
+        "train": ([*both, "--number_of_epochs", "1"], None, None),
+        "test the trained model": ([*both, "--test_only"], None, None),
+    }
+    outputs = {name: tmp_path / ("trained" if name.startswith(("train", "test the")) else f"case{i}")
+               for i, name in enumerate(cases)}
+    argvs = {name: [str(TINY_HPARAMS), "--output_folder", str(outputs[name]), "--noprogressbar", *extra]
+             for name, (extra, _, _) in cases.items()}
+    result = run_recipe([sys.executable, "-c", MAIN_PER_CASE, json.dumps(argvs)], tmp_path)
+    assert result.returncode == 0 and "OUTCOMES " in result.stdout, result.stdout[-3000:]
+    outcomes = json.loads(result.stdout.split("OUTCOMES ", 1)[1])
+    for name, (_, phrase, cause) in cases.items():
+        outcome = outcomes[name]
+        if phrase is None:
+            assert outcome["code"] == 0, (name, outcome)
+            continue
+        assert outcome["code"] == 2 and outcome["cause"] == cause and phrase in outcome["message"], (name, outcome)
+        assert not (outputs[name] / "test_results.csv").exists(), name
+        assert "Going into epoch" not in (outputs[name] / "log.txt").read_text(), name
+    assert str(outputs["test without a checkpoint"] / "save") in outcomes["test without a checkpoint"]["message"]
+    assert outcomes["dynamic mixing with too few speakers"]["message"].startswith(f"{two_speakers}: ")
+    assert not list((outputs["dynamic mixing without dm_folder"] / "save").glob("*.csv"))  # checked before data prep
+    assert f"Cannot run the recipe: {outcomes['unknown dataset']['message']}\n" in result.stdout
+    assert len(read_test_results(outputs["train"] / "test_results.csv")) == 3
+
+
 def test_without_data_folder_the_demo_corpus_goes_to_demo_folder(tmp_path):
     # An hparams file without a demo_folder key still takes --demo_folder (a recipe option).
     hparams = tmp_path / "tiny_no_demo_key.yaml"
     hparams.write_text(re.sub(r"(?m)^demo_folder:.*\n", "", TINY_HPARAMS.read_text()))
     assert "demo_folder" not in hparams.read_text()
-    command = recipe_command(tmp_path / "out", None, "--demo_folder", str(tmp_path / "demo"), "--test_only", "--debug")
+    command = recipe_command(tmp_path / "out", None, "--demo_folder", str(tmp_path / "demo"), "--debug")
     command[2] = str(hparams)
     result = run_recipe(command, tmp_path)
     assert result.returncode == 0, result.stdout[-3000:]

@@ -2,9 +2,11 @@
 
 import csv
 import logging
+import math
 from pathlib import Path
 from typing import Dict, List
 
+import numpy as np
 import torch
 import torch.distributed as dist
 import speechbrain as sb
@@ -38,8 +40,10 @@ class Separation(sb.Brain):
     itself, where the unsynchronised window is dropped. The optional ``lr_step_scheduler``
     (per optimizer step) and ``lr_epoch_scheduler`` (per epoch, on the
     validation loss) set the learning rate; gradient clipping is Brain's
-    ``max_grad_norm``. Test: writes ``test_results.csv`` (SDR, SDRi, SI-SNR,
-    SI-SNRi per utterance and their average) into the output folder.
+    ``max_grad_norm``. Validation: mean loss; if any item's loss is non-finite (counted in the valid stats), the
+    epoch's validation loss is inf, so that a diverged model never becomes the best checkpoint. Test: writes
+    ``test_results.csv`` (SDR, SDRi, SI-SNR, SI-SNRi per utterance and their average over the finite values)
+    into the output folder; an utterance BSS-eval cannot score (a silent source) gets NaN and a warning naming it.
 
     With ``cuda_graphs: True`` (CUDA, one process), the training forward and
     backward of each segment shape seen twice are recorded once and then
@@ -49,7 +53,8 @@ class Separation(sb.Brain):
     it is refused with gradient accumulation, under DDP and off CUDA.
 
     Hyperparameters read: ``num_spks``, ``loss_threshold`` (optional),
-    ``training_signal_len`` (optional), ``epoch_counter``, ``checkpointer``,
+    ``training_signal_len`` (optional; each item is cropped at random within its own length, from a generator
+    seeded by ``seed``, the epoch, the step and the DDP rank), ``epoch_counter``, ``checkpointer``,
     ``train_logger``, ``output_folder``, ``save_audio`` (optional),
     ``lr_step_scheduler``/``lr_epoch_scheduler`` (optional), ``cuda_graphs`` (optional, default False).
 
@@ -105,8 +110,17 @@ class Separation(sb.Brain):
         sources = batch.sources.data.to(self.device)
         max_len = getattr(self.hparams, "training_signal_len", None)
         if stage == sb.Stage.TRAIN and max_len and mixture.shape[-1] > max_len:
-            start = torch.randint(0, mixture.shape[-1] - max_len + 1, (1,)).item()
-            mixture, sources = mixture[:, start : start + max_len], sources[:, start : start + max_len]
+            # Each item is cropped within its own length (a window in another item's padding would train on
+            # silence); an item shorter than the window starts at 0. The starts depend on (seed, epoch, step,
+            # rank) only, not on the global RNG, which is not checkpointed: a resumed run crops the same windows.
+            lengths = (batch.mixture.lengths * mixture.shape[-1]).round().long().tolist()
+            epoch_counter = getattr(self.hparams, "epoch_counter", None)
+            epoch = epoch_counter.current if epoch_counter is not None else 0
+            rank = dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+            rng = np.random.default_rng([getattr(self.hparams, "seed", 0), epoch, self.step, rank])
+            starts = [int(rng.integers(max(n - max_len, 0) + 1)) for n in lengths]
+            mixture = torch.stack([mixture[i, s : s + max_len] for i, s in enumerate(starts)])
+            sources = torch.stack([sources[i, s : s + max_len] for i, s in enumerate(starts)])
         return mixture, sources
 
     def fit_batch(self, batch):
@@ -175,11 +189,17 @@ class Separation(sb.Brain):
             lengths = (batch.mixture.lengths * mixture.shape[-1]).round().long()
             for i, snt_id in enumerate(batch.id):
                 n = int(lengths[i])
-                scores = separation_scores(mixture[i, :n].cpu(), sources[i, :n].cpu(), estimates[i, :n].cpu())
+                try:
+                    scores = separation_scores(mixture[i, :n].cpu(), sources[i, :n].cpu(), estimates[i, :n].cpu())
+                except ValueError as error:  # BSS-eval on a silent source or estimate (LinAlgError: singular)
+                    logger.warning(f"{snt_id}: no scores ({type(error).__name__}: {error}); NaN in test_results.csv")
+                    scores = dict.fromkeys(RESULT_COLUMNS[1:], float("nan"))
                 self.test_rows.append({"snt_id": snt_id, **scores})
                 if getattr(self.hparams, "save_audio", False) and if_main_process():
                     self._save_audio(snt_id, mixture[i, :n], estimates[i, :n])
         finite = item_losses[torch.isfinite(item_losses)]
+        if stage == sb.Stage.VALID:
+            self.valid_nonfinite_items += item_losses.numel() - finite.numel()
         return (finite.mean() if finite.numel() else torch.tensor(float("nan"))).detach().cpu()
 
     def on_stage_start(self, stage, epoch=None):
@@ -187,6 +207,8 @@ class Separation(sb.Brain):
             self.nonfinite_items = self.solved_items = self.skipped_batches = 0
             if self.train_dataset is not None and hasattr(self.train_dataset, "set_epoch"):
                 self.train_dataset.set_epoch(epoch)
+        if stage == sb.Stage.VALID:
+            self.valid_nonfinite_items = 0
         if stage == sb.Stage.TEST:
             self.test_rows: List[Dict[str, float]] = []
 
@@ -204,6 +226,14 @@ class Separation(sb.Brain):
             if self.nonfinite_items:
                 logger.warning(f"epoch {epoch}: {self.nonfinite_items} items had a non-finite loss and were skipped")
         elif stage == sb.Stage.VALID:
+            (self.valid_nonfinite_items,) = self._sum_over_ranks([self.valid_nonfinite_items])
+            if self.valid_nonfinite_items:
+                # The mean of the finite items (0.0 when none is: update_average skips NaN) would flatter a
+                # diverging model: it would become the best checkpoint and stall the plateau scheduler.
+                logger.warning(f"epoch {epoch}: {self.valid_nonfinite_items} validation items had a non-finite "
+                               "loss; the validation loss counts as inf")
+                stage_loss = float("inf")
+            stats = {"si-snr": stage_loss, "nonfinite_items": self.valid_nonfinite_items}
             lr = self.optimizer.param_groups[0]["lr"]
             epoch_scheduler = getattr(self.hparams, "lr_epoch_scheduler", None)
             if epoch_scheduler is not None:
@@ -220,7 +250,13 @@ class Separation(sb.Brain):
         """test_results.csv: one row per utterance and an ``avg`` row, as SpeechBrain's recipes."""
         if not self.test_rows:
             return
-        means = {k: sum(row[k] for row in self.test_rows) / len(self.test_rows) for k in RESULT_COLUMNS[1:]}
+        # The average of the finite values: one failed or silent (-inf) utterance must not hide all the others.
+        finite = {k: [row[k] for row in self.test_rows if math.isfinite(row[k])] for k in RESULT_COLUMNS[1:]}
+        means = {k: sum(values) / len(values) if values else float("nan") for k, values in finite.items()}
+        left_out = {k: len(self.test_rows) - len(values) for k, values in finite.items()}
+        if any(left_out.values()):
+            counts = ", ".join(f"{k} {count}" for k, count in left_out.items() if count)
+            logger.warning(f"Non-finite scores left out of the averages (utterances per metric): {counts}")
         path = Path(self.hparams.output_folder) / "test_results.csv"
         if if_main_process():  # under DDP every rank evaluates the whole test set: one writes
             with open(path, "w", newline="") as handle:

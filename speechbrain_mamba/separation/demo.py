@@ -26,7 +26,7 @@ SAMPLE_RATE = 8000
 LAYOUTS = ("wsj0mix", "librimix", "wham")
 # Split folder names (train, valid, test) of each corpus.
 SPLITS = {"wsj0mix": ("tr", "cv", "tt"), "librimix": ("train-360", "dev", "test"), "wham": ("tr", "cv", "tt")}
-MIX_PEAK = 0.9  # peak of the mixture, leaving headroom for the 16-bit rounding of the sources
+MIX_PEAK = 0.9  # peak of the loudest signal written (mixture, source or noise): headroom for int16 rounding
 MAX_RELATIVE_GAIN_DB = 2.5  # gain of each source relative to the first, uniform in +-this
 NOISE_SNR_DB = (0.0, 6.0)  # the noise lies this many dB below the speech mixture (uniform)
 HELDOUT_FRACTION = 0.15  # of each speaker's utterances, for validation and again for test
@@ -130,11 +130,12 @@ def _mix(
     scaled = [s / _rms(s) * 10 ** (g / 20) for s, g in zip(cropped, gains_db)]
     clean = np.sum(scaled, axis=0)
     noise = np.zeros(0)
-    peak = np.abs(clean).max()
+    # The peak of everything written: a source can exceed the mixture where the sources cancel, and int16 wraps.
+    peak = max(np.abs(signal).max() for signal in [clean, *scaled])
     if with_noise:
         noise = _coloured_noise(rng, length)
         noise *= _rms(clean) / _rms(noise) * 10 ** (-rng.uniform(*NOISE_SNR_DB) / 20)
-        peak = max(peak, np.abs(clean + noise).max())
+        peak = max(peak, np.abs(noise).max(), np.abs(clean + noise).max())
     factor = MIX_PEAK * 32768 / peak
     return [np.round(s * factor).astype(np.int16) for s in scaled], np.round(noise * factor).astype(np.int16)
 

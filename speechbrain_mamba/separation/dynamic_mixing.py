@@ -7,6 +7,7 @@ different mixtures. Gains follow SpeechBrain's WSJ0-2mix dynamic-mixing recipe.
 """
 
 import logging
+import os
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence
 
@@ -33,7 +34,7 @@ class DynamicMixingDataset(torch.utils.data.Dataset):
     N(-2.51, 2.66). Sources are cropped at random to the shortest one (and to
     ``segment_length``), then everything is scaled so that the peak is 0.9.
     Every file's header is checked at construction (sample rate, one channel,
-    not empty): bad files raise a ``DataError`` naming them, before training.
+    not empty): bad files, or fewer speakers than ``num_spks``, raise a ``DataError`` naming them, before training.
 
     Arguments
     ---------
@@ -81,8 +82,11 @@ class DynamicMixingDataset(torch.utils.data.Dataset):
         seed: int = 1234,
     ):
         if len(utterances) < num_spks:
-            raise ValueError(
-                f"dynamic mixing needs at least num_spks={num_spks} speakers; found {len(utterances)}."
+            files = [str(path) for paths in utterances.values() for path in paths]
+            folder = os.path.commonpath(files) if files else "no utterances"
+            raise DataError(
+                f"{folder}: dynamic mixing needs utterances of at least num_spks={num_spks} speakers; "
+                f"found {len(utterances)} ({', '.join(sorted(utterances)) or 'none'})"
             )
         self.speakers = sorted(utterances)
         self.utterances = {spk: sorted(map(Path, utterances[spk])) for spk in self.speakers}

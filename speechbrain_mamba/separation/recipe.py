@@ -96,13 +96,19 @@ class HparamsError(Exception):
     """A module of the hparams file refused its arguments (the ``ValueError`` is the ``__cause__``)."""
 
 
+class RecipeError(Exception):
+    """A recipe argument that cannot work (unknown dataset, unsupported num_spks, no model to test, ...)."""
+
+
 def main(argv: Optional[List[str]] = None) -> None:
     """Runs a recipe: ``main(["hparams/dpmamba_m.yaml", "--data_folder", ...])``.
 
-    Bad input data (a ``DataError``: the message names the file or folder and what was expected) or a
-    bad hyperparameter (a ``ValueError`` of a module built by the hparams file, naming its argument) ends
-    the run with that message as one error line, no traceback, and ``SystemExit(2)`` (the error is its
-    ``__cause__``). A finished distributed run (under ``torchrun``) ends its process here with status 0.
+    Bad input data (a ``DataError``: the message names the file or folder and what was expected), a
+    bad hyperparameter (a ``ValueError`` of a module built by the hparams file, naming its argument) or a
+    recipe argument that cannot work (a ``RecipeError``: unknown dataset, unsupported num_spks, dynamic
+    mixing without dm_folder, a test without a checkpoint to test) ends the run with that message as one
+    error line, no traceback, and ``SystemExit(2)`` (the error is its ``__cause__``). A finished
+    distributed run (under ``torchrun``) ends its process here with status 0.
     """
     distributed = False
     try:
@@ -114,6 +120,9 @@ def main(argv: Optional[List[str]] = None) -> None:
     except HparamsError as error:
         logger.error(f"Bad hyperparameters, stopping before training: {error}")
         raise SystemExit(2) from error.__cause__
+    except RecipeError as error:
+        logger.error(f"Cannot run the recipe: {error}")
+        raise SystemExit(2) from error
     finally:
         # Left to interpreter shutdown, the process group's threads can abort the process (SIGABRT).
         if torch.distributed.is_available() and torch.distributed.is_initialized():
@@ -160,12 +169,17 @@ def _run(argv: Optional[List[str]]) -> None:
         num_spks=num_spks, sample_rate=hparams["sample_rate"], skip_prep=hparams.get("skip_prep", False),
         **hparams.get("data_prep_options", {}),
     )
-    run_on_main(prepare_data, kwargs=prep_kwargs)
+    if hparams.get("dynamic_mixing", False) and not hparams.get("dm_folder"):
+        raise RecipeError("dynamic_mixing: True needs dm_folder, the folder of single-speaker utterances to mix")
+    try:
+        run_on_main(prepare_data, kwargs=prep_kwargs)
+    except DataError:
+        raise
+    except ValueError as error:  # an argument the corpus does not take (dataset, num_spks, version, ...)
+        raise RecipeError(f"data preparation: {error}") from error
     csvs = prepare_data(**{**prep_kwargs, "skip_prep": True})
 
     if hparams.get("dynamic_mixing", False):
-        if not hparams.get("dm_folder"):
-            raise ValueError("dynamic_mixing needs dm_folder: the single-speaker utterances to mix.")
         train_set = DynamicMixingDataset(
             list_speaker_utterances(hparams["dm_folder"], DM_CORPUS[hparams["dataset"]]),
             num_spks=num_spks,
@@ -200,4 +214,8 @@ def _run(argv: Optional[List[str]]) -> None:
         train_loader_kwargs={**loader, "shuffle": True},
         valid_loader_kwargs={**loader, "batch_size": 1},
     )
+    # Without a checkpoint (--test_only on a new folder), evaluate() would test the random initialisation.
+    if brain.checkpointer.find_checkpoint(min_key="si-snr") is None:
+        raise RecipeError(f"{brain.checkpointer.checkpoints_dir}: no checkpoint to test; train first "
+                          "(without --test_only) or point --output_folder at a trained experiment")
     brain.evaluate(test_set, min_key="si-snr", test_loader_kwargs={**loader, "batch_size": 1})
