@@ -740,3 +740,23 @@ def test_without_data_folder_the_demo_corpus_goes_to_demo_folder(tmp_path):
     assert (demo_root / "wsj0" / "si_tr_s").is_dir()
     assert not (tmp_path / "results").exists()  # nothing under the working directory
     assert len(read_test_results(tmp_path / "out" / "test_results.csv")) == 3  # --debug: 2 batches, and avg
+
+
+def test_schedule_length_mismatch_is_reported(caplog):
+    """lr_total_steps set for one process without accumulation is off with accumulation: a warning gives the
+    run's number of optimizer steps; none when they match."""
+    from types import SimpleNamespace
+
+    from speechbrain_mamba.separation import recipe
+
+    brain = SimpleNamespace(debug=False, grad_accumulation_factor=4)
+    hparams = {"lr_total_steps": 200 * 1000 / 1, "lr_step_scheduler": object(), "epoch_counter": EpochCounter(200),
+               "batch_size": 1}
+    with caplog.at_level("WARNING", logger=recipe.logger.name):
+        recipe._check_schedule_length(hparams, brain, range(1000))
+    assert "pass --lr_total_steps 50000 to match it" in caplog.text
+    caplog.clear()
+    brain.grad_accumulation_factor = 1
+    with caplog.at_level("WARNING", logger=recipe.logger.name):
+        recipe._check_schedule_length(hparams, brain, range(1000))
+    assert caplog.text == ""

@@ -7,6 +7,7 @@ short schedule of ``DEMO_OVERRIDES`` applied to the keys the file defines.
 """
 
 import dataclasses
+import math
 import os
 import logging
 import sys
@@ -90,6 +91,62 @@ def noise_files(csv_path: Path) -> List[str]:
     """The noise recordings listed in a prepared CSV (noisy corpora), else []."""
     dataset = DynamicItemDataset.from_csv(csv_path)
     return sorted({dataset.data[key]["noise_wav"] for key in dataset.data_ids if "noise_wav" in dataset.data[key]})
+
+
+def planned_optimizer_steps(
+    num_epochs: int, items_per_epoch: int, batch_size: int, world_size: int = 1, grad_accumulation: int = 1
+) -> int:
+    """Optimizer steps of one process over a run: what a per-step learning-rate schedule should span.
+
+    Each of ``world_size`` processes gets ``ceil(items / world_size)`` items per epoch (the distributed
+    sampler pads), in batches of ``batch_size``, and steps once per ``grad_accumulation`` batches.
+
+    Arguments
+    ---------
+    num_epochs : int
+        Epochs of the run.
+    items_per_epoch : int
+        Training items (mixtures) per epoch, over all processes.
+    batch_size : int
+        Items per batch of one process.
+    world_size : int
+        DDP processes.
+    grad_accumulation : int
+        Batches per optimizer step.
+
+    Returns
+    -------
+    int
+        The number of optimizer steps.
+
+    Example
+    -------
+    >>> planned_optimizer_steps(200, 20000, 1, world_size=4)
+    1000000
+    >>> planned_optimizer_steps(1, 1001, 2, grad_accumulation=2)
+    250
+    """
+    batches = math.ceil(math.ceil(items_per_epoch / world_size) / batch_size)
+    return num_epochs * (batches // grad_accumulation)
+
+
+def _check_schedule_length(hparams: dict, brain: Separation, train_set) -> None:
+    """Warns when the per-step schedule's ``lr_total_steps`` is not the run's number of optimizer steps (fixed
+    in the hparams for dynamic mixing on one process, it is off without dynamic mixing, under DDP and with
+    gradient accumulation): the learning rate would reach its floor early, or never."""
+    total = hparams.get("lr_total_steps")
+    if total is None or hparams.get("lr_step_scheduler") is None or brain.debug:
+        return
+    world_size = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
+    steps = planned_optimizer_steps(hparams["epoch_counter"].limit, len(train_set), hparams["batch_size"],
+                                    world_size, brain.grad_accumulation_factor)
+    if abs(total - steps) > 0.05 * steps:
+        logger.warning(
+            f"lr_total_steps={total:g}, but this run makes {steps} optimizer steps per process "
+            f"({len(train_set)} mixtures per epoch, batch_size {hparams['batch_size']}, {world_size} process(es), "
+            f"grad_accumulation_factor {brain.grad_accumulation_factor}): the learning-rate schedule ends "
+            f"{'before' if total < steps else 'after'} training; pass --lr_total_steps {steps} to match it"
+        )
 
 
 class HparamsError(Exception):
@@ -202,6 +259,7 @@ def _run(argv: Optional[List[str]]) -> None:
         checkpointer=hparams["checkpointer"],
     )
     brain.train_dataset = train_set
+    _check_schedule_length(hparams, brain, train_set)
     loader = {
         "batch_size": hparams["batch_size"],
         "num_workers": hparams.get("num_workers", 0),
