@@ -333,6 +333,18 @@ def test_existing_csvs_are_reused_unless_stale_or_overwrite(tmp_path, caplog):
     assert read_csv(paths["valid"])[0] == header(["mix", "s1", "s2", "s3"])
 
 
+def test_csvs_checked_with_other_settings_are_checked_again(tmp_path, caplog):
+    """CSVs of 8 kHz files are not reused for sample_rate=16000: the files are checked again (and refused)."""
+    data = build(tmp_path, CUSTOM, ("mix", "s1", "s2"))
+    prepare_custom(data, tmp_path / "save")
+    with pytest.raises(DataError, match="sample rate 8000 Hz, expected 16000 Hz"):
+        prepare_custom(data, tmp_path / "save", sample_rate=16000)
+    nan_audio(data / "train/s1/a.wav")
+    prepare_custom(data, tmp_path / "save", check_content=False)  # rebuilt without the sample check
+    with pytest.raises(DataError, match="a.wav"):
+        prepare_custom(data, tmp_path / "save")  # check_content again: the NaN file is found
+
+
 def test_interrupted_write_leaves_the_old_csvs(tmp_path, monkeypatch):
     data = build(tmp_path, CUSTOM, ("mix", "s1", "s2"))
     paths = prepare_custom(data, tmp_path / "save")

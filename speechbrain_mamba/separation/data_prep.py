@@ -12,6 +12,7 @@ with absolute paths and the mixture's duration in seconds.
 """
 
 import csv
+import json
 import logging
 import os
 from dataclasses import dataclass, field
@@ -185,6 +186,10 @@ def _header(columns: Dict[str, str]) -> List[str]:
     return ["ID", "duration"] + [f"{prefix}_wav{part}" for prefix in columns for part in ("", "_format", "_opts")]
 
 
+# Written beside the CSVs: the settings they were checked with, which reuse must match.
+SETTINGS_FILE = "data_prep_settings.json"
+
+
 def _reusable(csv_path: Path, header: List[str], split_dir: Path) -> bool:
     """Whether an existing CSV has these columns and points into this split (not another version of the corpus)."""
     with open(csv_path, newline="") as handle:
@@ -244,11 +249,17 @@ def _prepare(
             columns[prefix] = sub
     header = _header(columns)
 
+    # A CSV's files were checked for one sample rate (and, with check_content, for NaN/inf): another setting
+    # must check them again, whatever the columns and folders say.
+    settings = {"sample_rate": sample_rate, "check_content": check_content}
+    settings_path = save_folder / SETTINGS_FILE
     if not overwrite and not problems and all(path.is_file() for path in csv_paths.values()):
-        if all(_reusable(csv_paths[key], header, split_dirs[key]) for key in csv_paths):
+        same_settings = settings_path.is_file() and json.loads(settings_path.read_text()) == settings
+        if same_settings and all(_reusable(csv_paths[key], header, split_dirs[key]) for key in csv_paths):
             logger.info("Reusing the existing CSVs in %s (pass overwrite=True to rebuild them)", save_folder)
             return csv_paths
-        logger.info("The CSVs in %s have other columns or another data folder: rebuilding them", save_folder)
+        logger.info("The CSVs in %s were made with other settings, columns or data folder: rebuilding them",
+                    save_folder)
 
     rows = {}
     for key, split_dir in split_dirs.items():
@@ -260,9 +271,11 @@ def _prepare(
         raise DataError(f"{layout.corpus} in {root}: {len(problems)} problem(s), no CSV written:\n{listed}{more}")
 
     save_folder.mkdir(parents=True, exist_ok=True)
+    settings_path.unlink(missing_ok=True)  # written last: an interrupted rewrite is never reused
     for key, path in csv_paths.items():
         _write_csv(path, header, rows[key])
         logger.info("Wrote %s (%d mixtures from %s)", path, len(rows[key]), split_dirs[key])
+    settings_path.write_text(json.dumps(settings))
     return csv_paths
 
 
