@@ -189,7 +189,8 @@ def test_stack_keeps_one_input_per_checkpointed_block():
 
 
 @pytest.mark.parametrize("option, value", [("checkpoint_blocks", "yes"), ("checkpoint_blocks", 1),
-                                           ("recompute_projections", None),
+                                           ("recompute_projections", None), ("bidirectional", "no"),
+                                           ("final_norm", 0),
                                            ("max_inference_frames", 0), ("max_inference_frames", 1.5)])
 def test_stack_names_a_bad_option(option, value):
     with pytest.raises(ValueError, match=option):

@@ -647,8 +647,9 @@ class MambaStack(nn.Module):
         super().__init__()
         if num_layers < 1:
             raise ValueError(f"MambaStack needs num_layers >= 1; got {num_layers}.")
-        _check_bool("checkpoint_blocks", checkpoint_blocks)
-        _check_bool("recompute_projections", recompute_projections)
+        for name, flag in (("bidirectional", bidirectional), ("final_norm", final_norm),
+                           ("checkpoint_blocks", checkpoint_blocks), ("recompute_projections", recompute_projections)):
+            _check_bool(name, flag)
         is_int = isinstance(max_inference_frames, int) and not isinstance(max_inference_frames, bool)
         if max_inference_frames is not None and not (is_int and max_inference_frames >= 1):
             raise ValueError(f"max_inference_frames must be a positive int or None; got {max_inference_frames!r}.")

@@ -4,7 +4,7 @@ import csv
 import logging
 import math
 from pathlib import Path
-from typing import Dict, List
+from typing import Dict, List, Optional
 
 import numpy as np
 import torch
@@ -19,6 +19,27 @@ from speechbrain_mamba.utils.cuda_graphs import TrainingCUDAGraphs
 
 logger = logging.getLogger(__name__)
 RESULT_COLUMNS = ["snt_id", "sdr", "sdr_i", "si-snr", "si-snr_i"]
+
+
+def check_loss_threshold(threshold: Optional[float]) -> None:
+    """Refuses a ``loss_threshold`` above 0 (or NaN): the loss is the negative SI-SNR, so -40 drops items
+    already above 40 dB, while a positive value would drop nearly every item and train on almost nothing.
+
+    Arguments
+    ---------
+    threshold : float, optional
+        The hyperparameter (None: no threshold).
+
+    Example
+    -------
+    >>> check_loss_threshold(-40)
+    >>> check_loss_threshold(30)
+    Traceback (most recent call last):
+    ...
+    ValueError: loss_threshold must be a negative SI-SNR in dB (e.g. -40) or absent; got 30.
+    """
+    if threshold is not None and not threshold <= 0:
+        raise ValueError(f"loss_threshold must be a negative SI-SNR in dB (e.g. -40) or absent; got {threshold!r}.")
 
 
 class Separation(sb.Brain):
@@ -86,6 +107,7 @@ class Separation(sb.Brain):
         return separate_mixture(self.modules, mixture, self.hparams.num_spks).float()
 
     def on_fit_start(self):
+        check_loss_threshold(getattr(self.hparams, "loss_threshold", None))
         super().on_fit_start()
         if getattr(self.hparams, "cuda_graphs", False) and self.training_graphs is None:
             if self.grad_accumulation_factor > 1:

@@ -23,7 +23,7 @@ from speechbrain.dataio.dataio import read_audio
 from speechbrain.dataio.dataset import DynamicItemDataset
 from speechbrain.utils.distributed import ddp_init_group, run_on_main
 
-from speechbrain_mamba.separation.brain import Separation
+from speechbrain_mamba.separation.brain import Separation, check_loss_threshold
 from speechbrain_mamba.separation.data_prep import DataError, list_speaker_utterances, prepare_data
 from speechbrain_mamba.separation.demo import build_demo_dataset
 from speechbrain_mamba.separation.dynamic_mixing import DynamicMixingDataset
@@ -205,6 +205,7 @@ def _run(argv: Optional[List[str]]) -> None:
     with open(hparams_file) as handle:
         try:
             hparams = load_hyperpyyaml(handle, overrides)
+            check_loss_threshold(hparams.get("loss_threshold"))
         except ValueError as error:
             raise HparamsError(f"{hparams_file}: {error}") from error
     # Evaluate in the training precision unless told otherwise (the stock recipe always used fp32).
