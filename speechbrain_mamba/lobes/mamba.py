@@ -650,9 +650,8 @@ class MambaStack(nn.Module):
         for name, flag in (("bidirectional", bidirectional), ("final_norm", final_norm),
                            ("checkpoint_blocks", checkpoint_blocks), ("recompute_projections", recompute_projections)):
             _check_bool(name, flag)
-        is_int = isinstance(max_inference_frames, int) and not isinstance(max_inference_frames, bool)
-        if max_inference_frames is not None and not (is_int and max_inference_frames >= 1):
-            raise ValueError(f"max_inference_frames must be a positive int or None; got {max_inference_frames!r}.")
+        if max_inference_frames is not None:
+            _check_positive_int("max_inference_frames", max_inference_frames)
         self.layers = nn.ModuleList(
             MambaBlock(
                 d_model, bidirectional, norm, norm_epsilon,
